@@ -1,0 +1,1 @@
+"""Execute a Plan on per-stage meshes."""

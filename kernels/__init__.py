@@ -1,0 +1,1 @@
+"""Pallas kernels with plain-jnp references."""

@@ -1,0 +1,1 @@
+"""Plan search: cost model, dynamic program, packing, exhaustive oracle."""

@@ -1,0 +1,158 @@
+"""Catalogue of accelerators: memory, peak dense FLOP/s, bandwidths and price.
+
+Conventions for every entry:
+
+- ``memory_bytes``: the nominal memory. NVIDIA's and Google's "80 GB", "48 GB",
+  "16 GB" parts carry that many GiB (2**30 bytes), so the figure is
+  ``N * GiB``; the cost model keeps its own reserve for what the driver takes.
+- ``peak_flops``: dense (no 2:4 sparsity) 16-bit tensor-core FLOP/s, bf16
+  where the part has it, else fp16 (T4, V100). Data-centre and workstation
+  parts run fp32 accumulation at full rate; for GeForce cards it is the
+  "FP16 Tensor with FP32 Accumulate" row of NVIDIA's whitepaper, the rate
+  JAX's bf16/fp16 matmuls get there.
+- ``memory_bandwidth_Bps``: vendor figure, 1 GB/s = 1e9 bytes/s.
+- ``intra_bandwidth_Bps``: usable bandwidth per direction between two devices
+  of one host: NVLink's per-direction figure where server boards have NVLink
+  (half the bidirectional number NVIDIA quotes), else what a PCIe x16 slot
+  realistically moves: ~12 GB/s (PCIe 3), ~25 GB/s (PCIe 4), ~50 GB/s (PCIe 5).
+- ``price_per_hour``: a typical on-demand price of one device in late 2024
+  (Lambda, RunPod, Google Cloud list prices); prices move, so override them in
+  a cluster file when it matters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+from hexjax.errors import ConfigError
+
+GiB = 2**30
+GB = 1e9
+TFLOPS = 1e12
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSpec:
+    """What the planner needs to know about one accelerator."""
+
+    name: str
+    """Canonical catalogue name (or the name a cluster file gives a custom device)."""
+    memory_bytes: int
+    """Device memory in bytes."""
+    peak_flops: float
+    """Peak dense bf16/fp16 tensor FLOP/s (no sparsity)."""
+    memory_bandwidth_Bps: float
+    """HBM/GDDR bandwidth in bytes per second."""
+    intra_bandwidth_Bps: float
+    """Typical device-to-device bandwidth inside one host, bytes/s per direction (NVLink, or PCIe where none)."""
+    price_per_hour: float
+    """Typical on-demand price of one device for one hour, in dollars."""
+    kind: str = "gpu"
+    """``"gpu"`` or ``"tpu"``."""
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ConfigError(f"device name must be a non-empty string, got {self.name!r}")
+        if isinstance(self.memory_bytes, bool) or not isinstance(self.memory_bytes, int) or self.memory_bytes <= 0:
+            raise ConfigError(f"device {self.name}: memory_bytes must be a positive integer, got {self.memory_bytes!r}")
+        for field in ("peak_flops", "memory_bandwidth_Bps", "intra_bandwidth_Bps"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"device {self.name}: {field} must be a positive number, got {value!r}")
+        if isinstance(self.price_per_hour, bool) or not isinstance(self.price_per_hour, (int, float)) \
+                or not self.price_per_hour >= 0:
+            raise ConfigError(f"device {self.name}: price_per_hour must be >= 0, got {self.price_per_hour!r}")
+        if self.kind not in ("gpu", "tpu"):
+            raise ConfigError(f"device {self.name}: kind must be 'gpu' or 'tpu', got {self.kind!r}")
+
+
+def _spec(name, memory_GiB, tflops, memory_GBps, intra_GBps, price, kind="gpu") -> DeviceSpec:
+    return DeviceSpec(name, memory_GiB * GiB, tflops * TFLOPS, memory_GBps * GB, intra_GBps * GB, price, kind)
+
+
+_CATALOGUE = [
+    # H100 SXM5 datasheet (989 TF bf16 dense, 3.35 TB/s, NVLink4 900 GB/s bidir); Lambda on-demand $2.99.
+    _spec("H100-SXM", 80, 989, 3350, 450, 2.99),
+    # H100 PCIe datasheet (756 TF bf16 dense, 2.0 TB/s), PCIe 5 x16; Lambda on-demand $2.49.
+    _spec("H100-PCIe", 80, 756, 2000, 50, 2.49),
+    # H200 SXM datasheet (141 GB, 989 TF bf16 dense, 4.8 TB/s, NVLink4 900 GB/s bidir); RunPod $3.99.
+    _spec("H200", 141, 989, 4800, 450, 3.99),
+    # A100 SXM4 80GB datasheet (312 TF bf16, 2039 GB/s, NVLink3 600 GB/s bidir); Lambda on-demand $1.79.
+    _spec("A100-80G", 80, 312, 2039, 300, 1.79),
+    # A100 SXM4 40GB datasheet (312 TF bf16, 1555 GB/s, NVLink3 600 GB/s bidir); Lambda on-demand $1.29.
+    _spec("A100-40G", 40, 312, 1555, 300, 1.29),
+    # RTX A6000 datasheet (154.8 TF fp16/bf16 tensor dense, 768 GB/s), PCIe 4 x16; Lambda on-demand $0.80.
+    _spec("A6000", 48, 154.8, 768, 25, 0.80),
+    # RTX A5000 datasheet (222.2 TF tensor sparse = 111.1 dense, 768 GB/s), PCIe 4 x16; RunPod $0.27.
+    _spec("A5000", 24, 111.1, 768, 25, 0.27),
+    # RTX A4000 datasheet (153.4 TF tensor sparse = 76.7 dense, 448 GB/s), PCIe 4 x16; RunPod $0.17.
+    _spec("A4000", 16, 76.7, 448, 25, 0.17),
+    # A40 datasheet (149.7 TF bf16 dense, 696 GB/s), PCIe 4 x16; RunPod $0.40.
+    _spec("A40", 48, 149.7, 696, 25, 0.40),
+    # L40S datasheet (362 TF bf16 dense, 864 GB/s), PCIe 4 x16; RunPod $0.86.
+    _spec("L40S", 48, 362, 864, 25, 0.86),
+    # L4 datasheet (121 TF bf16 dense, 300 GB/s), PCIe 4 x16; Google Cloud g2-standard-4 $0.71.
+    _spec("L4", 24, 121, 300, 25, 0.71),
+    # T4 datasheet (65 TF fp16 mixed precision, no bf16, 320 GB/s), PCIe 3 x16; Google Cloud $0.35.
+    _spec("T4", 16, 65, 320, 12, 0.35),
+    # V100 SXM2 16GB datasheet (125 TF fp16 tensor, 900 GB/s, NVLink2 300 GB/s bidir); Google Cloud $2.48.
+    _spec("V100", 16, 125, 900, 150, 2.48),
+    # V100 SXM2 32GB datasheet (as V100 with 32 GB); AWS p3dn.24xlarge $31.21 / 8 = $3.90.
+    _spec("V100-32G", 32, 125, 900, 150, 3.90),
+    # GA102 whitepaper, RTX 3090 (71 TF fp16 tensor w/ fp32 acc dense, 936 GB/s), PCIe 4 x16; RunPod $0.22.
+    _spec("RTX-3090", 24, 71, 936, 25, 0.22),
+    # RTX 3090 Ti specs (84 SMs at 1.86 GHz: 80 TF fp16 tensor w/ fp32 acc dense, 1008 GB/s), PCIe 4 x16; vast.ai ~$0.25.
+    _spec("RTX-3090Ti", 24, 80, 1008, 25, 0.25),
+    # Ada whitepaper, RTX 4090 (165.2 TF fp16 tensor w/ fp32 acc dense, 1008 GB/s), PCIe 4 x16; RunPod $0.34.
+    _spec("RTX-4090", 24, 165.2, 1008, 25, 0.34),
+    # Cloud TPU v5e docs (197 TF bf16, 16 GiB HBM2, 819 GB/s, ICI 1600 Gbps over 4 links); Google Cloud $1.20/chip.
+    _spec("TPU-v5e", 16, 197, 819, 50, 1.20, kind="tpu"),
+]
+
+DEVICES: dict[str, DeviceSpec] = {d.name: d for d in _CATALOGUE}
+"""The catalogue, keyed by canonical name."""
+
+# Other spellings people use for the same part (normalised like names).
+_ALIASES = {
+    "rtxa6000": "A6000", "rtxa5000": "A5000", "rtxa4000": "A4000",
+    "a10080gb": "A100-80G", "a10040gb": "A100-40G", "a100sxm80gb": "A100-80G", "a100sxm40gb": "A100-40G",
+    "h100sxm5": "H100-SXM", "h200sxm": "H200",
+    "3090": "RTX-3090", "3090ti": "RTX-3090Ti", "4090": "RTX-4090",
+    "geforcertx3090": "RTX-3090", "geforcertx3090ti": "RTX-3090Ti", "geforcertx4090": "RTX-4090",
+    "v10016gb": "V100", "v10032gb": "V100-32G", "v5e": "TPU-v5e", "tpuv5litepod": "TPU-v5e",
+}
+
+
+def normalize_name(name: str) -> str:
+    """The form names are compared in: lower case, without '-', '_' or spaces."""
+    return "".join(ch for ch in name.lower() if ch not in "-_ ")
+
+
+def lookup_device(name: str, extra: dict[str, DeviceSpec] | None = None) -> DeviceSpec:
+    """The device called ``name`` (case, '-', '_' and spaces ignored).
+
+    ``extra`` holds custom devices (a cluster file's ``[device.NAME]`` tables);
+    they take precedence over the catalogue. Unknown names raise
+    :class:`ConfigError` listing close matches.
+    """
+    if not isinstance(name, str):
+        raise ConfigError(f"device name must be a string, got {name!r}")
+    key = normalize_name(name)
+    for table in (extra or {}), DEVICES:
+        for canonical, spec in table.items():
+            if normalize_name(canonical) == key:
+                return spec
+    if key in _ALIASES:
+        return DEVICES[_ALIASES[key]]
+    known = list((extra or {}).keys()) + list(DEVICES)
+    by_key = {normalize_name(k): k for k in reversed(known)}
+    # Names that start with what was typed ('h100' -> both H100s) come first.
+    close = [by_key[k] for k in by_key if key and k.startswith(key)]
+    close += [by_key[k] for k in difflib.get_close_matches(key, list(by_key), n=3, cutoff=0.6)
+              if by_key[k] not in close]
+    close = close[:4]
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise ConfigError(
+        f"unknown device {name!r}.{hint} Known devices: {', '.join(known)}; "
+        "or define it in the cluster file as a [device.NAME] table")

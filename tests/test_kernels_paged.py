@@ -1,0 +1,254 @@
+"""Paged decode attention and KV-cache writes (interpret mode) against references and naive oracles."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hexjax.kernels import (decode_attention, flash_attention_reference, paged_attention,
+                            paged_attention_reference, write_kv, write_kv_reference)
+from hexjax.kernels.kv_cache import write_kv as write_kv_pallas
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def naive_decode(q, k_pages, v_pages, block_tables, lengths):
+    """Copy each sequence's tokens out page by page, repeat KV heads, softmax in fp32."""
+    q, k_pages, v_pages = (np.asarray(x, np.float32) for x in (q, k_pages, v_pages))
+    batch, heads, dim = q.shape
+    kv_heads, _, page_size, _ = k_pages.shape
+    out = np.zeros_like(q)
+    for b in range(batch):
+        n = int(lengths[b])
+        if n == 0:
+            continue
+        rows = [(int(block_tables[b, t // page_size]), t % page_size) for t in range(n)]
+        k = np.stack([k_pages[:, p, r] for p, r in rows], axis=1)  # [Hkv, n, D]
+        v = np.stack([v_pages[:, p, r] for p, r in rows], axis=1)
+        k = np.repeat(k, heads // kv_heads, axis=0)
+        v = np.repeat(v, heads // kv_heads, axis=0)
+        weights = np.asarray(jax.nn.softmax(np.einsum("hd,hnd->hn", q[b], k) / np.sqrt(dim), -1))
+        out[b] = np.einsum("hn,hnd->hd", weights, v)
+    return out
+
+
+def make_cache(seed, batch, heads, kv_heads, dim, page_size, max_pages, num_pages,
+               dtype=jnp.float32, poison_unused=False):
+    """Random pages, shuffled block tables, ragged lengths (first one 0); optionally NaN past each length."""
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(batch, heads, dim)).astype(np.float32)
+    k_pages = rng.normal(size=(kv_heads, num_pages, page_size, dim)).astype(np.float32)
+    v_pages = rng.normal(size=(kv_heads, num_pages, page_size, dim)).astype(np.float32)
+    tables = rng.permutation(num_pages)[:batch * max_pages].reshape(batch, max_pages)
+    lengths = rng.integers(1, max_pages * page_size + 1, size=batch)
+    lengths[0] = 0
+    if poison_unused:
+        for b in range(batch):
+            for t in range(int(lengths[b]), max_pages * page_size):
+                p, r = tables[b, t // page_size], t % page_size
+                k_pages[:, p, r] = np.nan
+                v_pages[:, p, r] = np.inf
+            # Entries past the last page may be anything, even outside the pool.
+            tables[b, -(-int(lengths[b]) // page_size):] = -7
+    cast = lambda x: jnp.asarray(x, dtype)
+    return (cast(q), cast(k_pages), cast(v_pages), jnp.asarray(tables, jnp.int32),
+            jnp.asarray(lengths, jnp.int32))
+
+
+def assert_close(actual, expected, tol):
+    np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
+                               atol=tol, rtol=tol)
+
+
+PAGED_CASES = [
+    # batch, Hq, Hkv, D, page_size, max_pages, num_pages, num_splits, dtype
+    (3, 4, 4, 64, 8, 6, 24, 2, jnp.float32),
+    (3, 8, 2, 64, 16, 5, 20, None, jnp.float32),
+    (2, 8, 1, 64, 32, 3, 8, 1, jnp.float32),
+    (2, 4, 2, 80, 16, 4, 10, 4, jnp.float32),
+    (3, 8, 4, 64, 16, 4, 16, 2, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", PAGED_CASES, ids=lambda c: "-".join(map(str, c[:8])))
+def test_paged_matches_reference_and_naive(case):
+    *sizes, num_splits, dtype = case
+    q, k_pages, v_pages, tables, lengths = make_cache(0, *sizes, dtype=dtype)
+    out = paged_attention(q, k_pages, v_pages, tables, lengths, interpret=True,
+                          num_splits=num_splits)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    naive = naive_decode(q, k_pages, v_pages, np.asarray(tables), np.asarray(lengths))
+    assert_close(out, paged_attention_reference(q, k_pages, v_pages, tables, lengths), TOL[dtype])
+    assert_close(out, naive, TOL[dtype])
+    assert not np.any(np.asarray(out[0], np.float32))  # length 0 gives zeros
+
+
+def test_unused_rows_and_table_entries_are_never_read():
+    q, k_pages, v_pages, tables, lengths = make_cache(1, 3, 4, 2, 64, 8, 6, 24, poison_unused=True)
+    out = paged_attention(q, k_pages, v_pages, tables, lengths, interpret=True, num_splits=2)
+    ref = paged_attention_reference(q, k_pages, v_pages, tables, lengths)
+    assert np.all(np.isfinite(np.asarray(out))) and np.all(np.isfinite(np.asarray(ref)))
+    assert_close(out, ref, 1e-5)
+    assert_close(out, naive_decode(q, k_pages, v_pages, np.asarray(tables), np.asarray(lengths)),
+                 1e-5)
+
+
+def _write_inputs(seed, batch, tokens, kv_heads, dim, page_size, max_pages, num_pages):
+    rng = np.random.default_rng(seed)
+    k_pages = jnp.asarray(rng.normal(size=(kv_heads, num_pages, page_size, dim)), jnp.float32)
+    v_pages = jnp.asarray(rng.normal(size=(kv_heads, num_pages, page_size, dim)), jnp.float32)
+    k_new = jnp.asarray(rng.normal(size=(batch, tokens, kv_heads, dim)), jnp.float32)
+    v_new = jnp.asarray(rng.normal(size=(batch, tokens, kv_heads, dim)), jnp.float32)
+    tables = jnp.asarray(rng.permutation(num_pages)[:batch * max_pages].reshape(batch, max_pages),
+                         jnp.int32)
+    return k_pages, v_pages, k_new, v_new, tables
+
+
+def test_write_kv_matches_reference_and_loop():
+    page_size, max_pages = 8, 4
+    k_pages, v_pages, k_new, v_new, tables = _write_inputs(2, 3, 11, 2, 64, page_size, max_pages, 14)
+    # Third sequence runs past its table: those writes must be dropped.
+    positions = jnp.array([0, 13, 27], jnp.int32)
+    got = write_kv_pallas(k_pages, v_pages, k_new, v_new, tables, positions, interpret=True,
+                          block_n=4)
+    want = write_kv_reference(k_pages, v_pages, k_new, v_new, tables, positions)
+    expected_k, expected_v = np.array(k_pages), np.array(v_pages)
+    for b in range(3):
+        for n in range(11):
+            pos = int(positions[b]) + n
+            if pos // page_size < max_pages:
+                page, row = int(tables[b, pos // page_size]), pos % page_size
+                expected_k[:, page, row] = np.asarray(k_new[b, n])
+                expected_v[:, page, row] = np.asarray(v_new[b, n])
+    for g, w, e in zip(got, want, (expected_k, expected_v)):
+        np.testing.assert_array_equal(np.asarray(g), e)
+        np.testing.assert_array_equal(np.asarray(w), e)
+
+
+def test_write_kv_head_dim_80():
+    k_pages, v_pages, k_new, v_new, tables = _write_inputs(3, 2, 3, 1, 80, 16, 2, 5)
+    positions = jnp.array([5, 30], jnp.int32)
+    got = write_kv_pallas(k_pages, v_pages, k_new, v_new, tables, positions, interpret=True)
+    want = write_kv_reference(k_pages, v_pages, k_new, v_new, tables, positions)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_prefill_then_decode_equals_contiguous_attention(impl):
+    """write_kv (prompt, then one token) + decode attention == attention over the contiguous cache."""
+    batch, heads, kv_heads, dim, page_size, max_pages = 2, 4, 2, 64, 8, 5
+    rng = np.random.default_rng(4)
+    prompt = np.array([13, 30])  # ragged prompts, right padded to 30
+    k_ctx = jnp.asarray(rng.normal(size=(batch, 31, kv_heads, dim)), jnp.float32)
+    v_ctx = jnp.asarray(rng.normal(size=(batch, 31, kv_heads, dim)), jnp.float32)
+    q = jnp.asarray(rng.normal(size=(batch, heads, dim)), jnp.float32)
+    num_pages = batch * max_pages + 3
+    tables = jnp.asarray(rng.permutation(num_pages)[:batch * max_pages].reshape(batch, max_pages),
+                         jnp.int32)
+    k_pages = jnp.zeros((kv_heads, num_pages, page_size, dim), jnp.float32)
+    v_pages = jnp.zeros_like(k_pages)
+    zeros = jnp.zeros((batch,), jnp.int32)
+    k_pages, v_pages = write_kv(k_pages, v_pages, k_ctx[:, :30], v_ctx[:, :30], tables, zeros,
+                                impl=impl)
+    # Decode token: each sequence writes at its own length, then attends over length + 1.
+    new_k = jnp.stack([k_ctx[b, prompt[b]] for b in range(batch)])[:, None]
+    new_v = jnp.stack([v_ctx[b, prompt[b]] for b in range(batch)])[:, None]
+    positions = jnp.asarray(prompt, jnp.int32)
+    k_pages, v_pages = write_kv(k_pages, v_pages, new_k, new_v, tables, positions, impl=impl)
+    lengths = positions + 1
+    out = decode_attention(q, k_pages, v_pages, tables, lengths, impl=impl, num_splits=2) \
+        if impl == "pallas" else decode_attention(q, k_pages, v_pages, tables, lengths, impl=impl)
+    # Contiguous cache: the prompt then the decode token at index prompt[b].
+    k_cont = np.array(k_ctx)
+    v_cont = np.array(v_ctx)
+    want = flash_attention_reference(q[:, None], jnp.asarray(k_cont), jnp.asarray(v_cont),
+                                     lengths, causal=False)[:, 0]
+    assert_close(out, want, 1e-5)
+
+
+def test_dispatch_picks_reference_on_cpu():
+    q, k_pages, v_pages, tables, lengths = make_cache(5, 2, 4, 2, 64, 16, 2, 4)
+    jaxpr = str(jax.make_jaxpr(lambda *a: decode_attention(*a))(q, k_pages, v_pages, tables,
+                                                                 lengths))
+    assert "pallas_call" not in jaxpr
+    jaxpr = str(jax.make_jaxpr(lambda *a: decode_attention(*a, impl="pallas"))(
+        q, k_pages, v_pages, tables, lengths))
+    assert "pallas_call" in jaxpr
+
+
+def _sds(shape, dtype=jnp.float32):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+GOOD = dict(q=_sds((2, 8, 64)), k_pages=_sds((2, 10, 16, 64)), v_pages=_sds((2, 10, 16, 64)),
+            block_tables=_sds((2, 4), jnp.int32), lengths=_sds((2,), jnp.int32))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(q=_sds((2, 6, 64)), k_pages=_sds((4, 10, 16, 64)), v_pages=_sds((4, 10, 16, 64))),
+     "multiple"),
+    (dict(q=_sds((2, 8, 128))), "head dims"),
+    (dict(v_pages=_sds((2, 10, 8, 64))), "k_pages and v_pages"),
+    (dict(block_tables=_sds((2, 4), jnp.float32)), "int32"),
+    (dict(block_tables=_sds((8,), jnp.int32)), "block_tables"),
+    (dict(block_tables=_sds((3, 4), jnp.int32)), "block_tables"),
+    (dict(lengths=_sds((2,), jnp.uint8)), "int32"),
+    (dict(lengths=_sds((3,), jnp.int32)), r"\(2,\)"),
+    (dict(q=_sds((2, 1, 8, 64))), r"q must be \[B,Hq,D\]"),
+    (dict(q=_sds((2, 8, 72)), k_pages=_sds((2, 10, 16, 72)), v_pages=_sds((2, 10, 16, 72))), "72"),
+])
+def test_paged_bad_shapes_raise(change, match):
+    args = {**GOOD, **change}
+    fns = [lambda *a: paged_attention(*a, interpret=True), lambda *a: decode_attention(*a, impl="xla")]
+    if match != "72":
+        fns.append(paged_attention_reference)
+    for fn in fns:
+        with pytest.raises(ValueError, match=match):
+            jax.eval_shape(fn, *args.values())
+
+
+def test_paged_page_size_must_be_power_of_two():
+    args = {**GOOD, "k_pages": _sds((2, 10, 12, 64)), "v_pages": _sds((2, 10, 12, 64))}
+    with pytest.raises(ValueError, match="power of two"):
+        jax.eval_shape(lambda *a: paged_attention(*a, interpret=True), *args.values())
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(k_new=_sds((2, 3, 4, 64)), v_new=_sds((2, 3, 4, 64))), "heads"),
+    (dict(v_new=_sds((2, 4, 2, 64))), "k_new and v_new"),
+    (dict(k_new=_sds((2, 3, 2, 64), jnp.bfloat16), v_new=_sds((2, 3, 2, 64), jnp.bfloat16)), "dtype"),
+    (dict(positions=_sds((2, 1), jnp.int32)), "positions"),
+    (dict(k_new=_sds((2, 80, 2, 64)), v_new=_sds((2, 80, 2, 64))), "cannot fit"),
+])
+def test_write_bad_shapes_raise(change, match):
+    args = dict(k_pages=_sds((2, 10, 16, 64)), v_pages=_sds((2, 10, 16, 64)),
+                k_new=_sds((2, 3, 2, 64)), v_new=_sds((2, 3, 2, 64)),
+                block_tables=_sds((2, 4), jnp.int32), positions=_sds((2,), jnp.int32))
+    args.update(change)
+    for fn in (lambda *a: write_kv_pallas(*a, interpret=True), write_kv_reference,
+               lambda *a: write_kv(*a, impl="xla")):
+        with pytest.raises(ValueError, match=match):
+            jax.eval_shape(fn, *args.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(10))
+def test_paged_random_sweep(seed):
+    rng = np.random.default_rng(seed)
+    kv_heads = int(rng.choice([1, 2, 4]))
+    heads = kv_heads * int(rng.choice([1, 2, 4, 8]))
+    dim = int(rng.choice([64, 80, 96, 128]))
+    page_size = int(rng.choice([8, 16, 32]))
+    max_pages = int(rng.integers(1, 9))
+    batch = int(rng.integers(1, 5))
+    num_pages = batch * max_pages + int(rng.integers(0, 5))
+    dtype = jnp.bfloat16 if rng.integers(0, 3) == 0 else jnp.float32
+    q, k_pages, v_pages, tables, lengths = make_cache(seed, batch, heads, kv_heads, dim, page_size,
+                                                      max_pages, num_pages, dtype=dtype,
+                                                      poison_unused=dtype == jnp.float32)
+    num_splits = int(rng.choice([1, 2, 4, 8]))
+    out = paged_attention(q, k_pages, v_pages, tables, lengths, interpret=True,
+                          num_splits=num_splits)
+    assert_close(out, naive_decode(q, k_pages, v_pages, np.asarray(tables), np.asarray(lengths)),
+                 TOL[dtype])

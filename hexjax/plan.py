@@ -1,0 +1,351 @@
+"""A plan: how a model's layers are laid over a cluster's devices.
+
+A plan splits devices into **replicas**, independent copies of the model that
+serve different requests. A replica is a pipeline of **stages**; a stage holds
+a contiguous range of layers (the first stage also the embedding, the last the
+final norm and LM head) on a ``(dp, tp)`` mesh of devices of one host.
+
+Plans are saved as versioned, human-readable JSON. The smallest hand-written
+plan is::
+
+    {"version": 1, "model": "llama-2-7b",
+     "replicas": [{"stages": [{"layers": [0, 32], "devices": [0, 1], "tp": 2}]}]}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from hexjax.errors import PlanError
+from hexjax.workload import Workload
+
+PLAN_VERSION = 1
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "float8": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """Consecutive layers on one ``(dp, tp)`` mesh of one host's devices."""
+
+    layers: tuple[int, int]
+    """``[start, stop)`` global layer indices."""
+    devices: tuple[int, ...]
+    """Global device indices, ``dp * tp`` of them, row-major for the mesh shape ``(dp, tp)``."""
+    dp: int = 1
+    """Copies of the stage, each serving its share of every microbatch."""
+    tp: int = 1
+    """Tensor-parallel degree: attention heads and MLP width are split this many ways."""
+    host: str = ""
+    """Name of the host holding the devices (informational; checked by ``validate``)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "devices", tuple(self.devices))
+
+    @property
+    def num_layers(self) -> int:
+        return self.layers[1] - self.layers[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"layers": list(self.layers), "devices": list(self.devices), "dp": self.dp, "tp": self.tp}
+        if self.host:
+            d["host"] = self.host
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Replica:
+    """A pipeline of stages that together hold every layer once, in order."""
+
+    stages: tuple[Stage, ...]
+    """Stages in pipeline order."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "stages", tuple(self.stages))
+
+    @property
+    def devices(self) -> tuple[int, ...]:
+        return tuple(d for s in self.stages for d in s.devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Replicas of a model over a cluster, with what they were planned for."""
+
+    model: str
+    """Model name (preset or checkpoint directory)."""
+    cluster_fingerprint: str
+    """``Cluster.fingerprint()`` of the cluster it was made for ('' when unknown)."""
+    replicas: tuple[Replica, ...]
+    """Independent pipelines."""
+    workload: Workload | None = None
+    """Workload the plan was made for."""
+    objective: str = ""
+    """What the search optimised: latency, throughput or cost ('' for hand-written plans)."""
+    dtype_bytes: int = 2
+    """Bytes per parameter and activation element (2 for bf16)."""
+    prediction: dict | None = None
+    """Predictions saved with the plan (see ``Prediction.to_dict``)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "replicas", tuple(self.replicas))
+
+    # ---- construction ----
+
+    @staticmethod
+    def single_device(model: str, num_layers: int, device: int = 0) -> "Plan":
+        """Every layer on one device."""
+        return Plan(model, "", (Replica((Stage((0, num_layers), (device,)),)),))
+
+    @staticmethod
+    def pipeline(model: str, splits: list[tuple[int, int, list[int], int, int]]) -> "Plan":
+        """One replica from ``(start, stop, devices, dp, tp)`` tuples."""
+        return Plan(model, "", (Replica(tuple(Stage((a, b), tuple(d), dp, tp) for a, b, d, dp, tp in splits)),))
+
+    @property
+    def devices(self) -> tuple[int, ...]:
+        """Every device index the plan uses, in plan order."""
+        return tuple(d for r in self.replicas for d in r.devices)
+
+    # ---- JSON ----
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"version": PLAN_VERSION, "model": self.model,
+                             "cluster_fingerprint": self.cluster_fingerprint, "objective": self.objective,
+                             "dtype_bytes": self.dtype_bytes}
+        if self.workload is not None:
+            d["workload"] = self.workload.to_dict()
+        d["replicas"] = [{"stages": [s.to_dict() for s in r.stages]} for r in self.replicas]
+        if self.prediction is not None:
+            d["prediction"] = self.prediction
+        return d
+
+    def to_json(self) -> str:
+        """Indented JSON with each stage on one line."""
+        d = self.to_dict()
+        reps = d.pop("replicas")
+        pred = d.pop("prediction", None)
+        lines = ["{"] + [f"  {json.dumps(k)}: {json.dumps(v)}," for k, v in d.items()]
+        lines.append('  "replicas": [')
+        for i, r in enumerate(reps):
+            lines.append('    {"stages": [')
+            lines += [f"      {json.dumps(s)}" + ("," if j < len(r["stages"]) - 1 else "")
+                      for j, s in enumerate(r["stages"])]
+            lines.append("    ]}" + ("," if i < len(reps) - 1 else ""))
+        lines.append("  ]" + ("," if pred is not None else ""))
+        if pred is not None:
+            body = json.dumps(pred, indent=2).replace("\n", "\n  ")
+            lines.append(f'  "prediction": {body}')
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @staticmethod
+    def load(path: str | Path) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"{path}: no such plan file; make one with `hexjax plan ... --out {path}`")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path}: not valid JSON ({e}); fix the syntax there") from None
+        return Plan.from_dict(d, where=str(path))
+
+    @staticmethod
+    def from_dict(d: dict[str, Any], where: str = "plan") -> "Plan":
+        def fail(field: str, problem: str) -> PlanError:
+            return PlanError(f"{where}: {field}: {problem}")
+
+        if not isinstance(d, dict):
+            raise fail("top level", "must be a JSON object")
+        known = {"version", "model", "cluster_fingerprint", "objective", "dtype", "dtype_bytes", "workload",
+                 "replicas", "prediction"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise fail("top level", f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        version = d.get("version")
+        if version != PLAN_VERSION:
+            raise fail("version", f"is {version!r}; this hexjax reads version {PLAN_VERSION} "
+                                  f"(add \"version\": {PLAN_VERSION})")
+        model = d.get("model")
+        if not isinstance(model, str) or not model:
+            raise fail("model", "must name the model (a preset name or checkpoint directory)")
+        dtype_bytes = d.get("dtype_bytes", 2)
+        if "dtype" in d:
+            if d["dtype"] not in _DTYPE_BYTES:
+                raise fail("dtype", f"unknown dtype {d['dtype']!r}; use one of {', '.join(_DTYPE_BYTES)}")
+            dtype_bytes = _DTYPE_BYTES[d["dtype"]]
+        if not _is_int(dtype_bytes) or dtype_bytes not in (1, 2, 4):
+            raise fail("dtype_bytes", f"must be 1, 2 or 4, got {dtype_bytes!r}")
+        workload = None
+        if d.get("workload") is not None:
+            try:
+                workload = Workload.from_dict(d["workload"], where=f"{where}: workload")
+            except ValueError as e:
+                raise PlanError(str(e)) from None
+        reps = d.get("replicas")
+        if not isinstance(reps, list) or not reps:
+            raise fail("replicas", "must be a non-empty list of {\"stages\": [...]} objects")
+        replicas = []
+        for i, r in enumerate(reps):
+            if not isinstance(r, dict) or not isinstance(r.get("stages"), list) or not r["stages"]:
+                raise fail(f"replicas[{i}]", "must be an object with a non-empty \"stages\" list")
+            extra = sorted(set(r) - {"stages"})
+            if extra:
+                raise fail(f"replicas[{i}]", f"unknown field(s) {', '.join(extra)}")
+            stages = []
+            for j, s in enumerate(r["stages"]):
+                at = f"replicas[{i}].stages[{j}]"
+                if not isinstance(s, dict):
+                    raise fail(at, "must be an object with layers, devices and tp")
+                extra = sorted(set(s) - {"layers", "devices", "dp", "tp", "host"})
+                if extra:
+                    raise fail(at, f"unknown field(s) {', '.join(extra)}; known: devices, dp, host, layers, tp")
+                layers = s.get("layers")
+                if not (isinstance(layers, list) and len(layers) == 2 and all(map(_is_int, layers))):
+                    raise fail(f"{at}.layers", f"must be [start, stop] integers, got {layers!r}")
+                devices = s.get("devices")
+                if not (isinstance(devices, list) and devices and all(map(_is_int, devices))):
+                    raise fail(f"{at}.devices", f"must be a non-empty list of device indices, got {devices!r}")
+                dp, tp = s.get("dp", 1), s.get("tp", 1)
+                for name, v in (("dp", dp), ("tp", tp)):
+                    if not _is_int(v) or v < 1:
+                        raise fail(f"{at}.{name}", f"must be a positive integer, got {v!r}")
+                host = s.get("host", "")
+                if not isinstance(host, str):
+                    raise fail(f"{at}.host", f"must be a host name, got {host!r}")
+                stages.append(Stage(tuple(layers), tuple(devices), dp, tp, host))
+            replicas.append(Replica(tuple(stages)))
+        fp = d.get("cluster_fingerprint", "")
+        objective = d.get("objective", "")
+        if not isinstance(fp, str) or not isinstance(objective, str):
+            raise fail("cluster_fingerprint/objective", "must be strings")
+        prediction = d.get("prediction")
+        return Plan(model, fp, tuple(replicas), workload, objective, dtype_bytes, prediction)
+
+    # ---- validation ----
+
+    def violations(self, model_cfg, cluster, workload: Workload | None = None) -> list[str]:
+        """Every rule the plan breaks for ``model_cfg`` on ``cluster`` (empty when valid).
+
+        Memory is checked with ``workload``, else the plan's own workload,
+        else one request of one prompt token and one output token.
+        """
+        from hexjax.search import cost
+
+        cfg = model_cfg
+        out: list[str] = []
+        fp = cluster.fingerprint()
+        if self.cluster_fingerprint and self.cluster_fingerprint != fp:
+            out.append(f"the plan was made for cluster {self.cluster_fingerprint}, but this cluster's fingerprint "
+                       f"is {fp}; re-plan for it (or clear cluster_fingerprint if the device numbering still holds)")
+        if not self.replicas:
+            out.append("the plan has no replicas")
+        used: dict[int, str] = {}
+        layout_ok = True
+        for i, rep in enumerate(self.replicas):
+            if not rep.stages:
+                out.append(f"replica {i}: has no stages")
+                layout_ok = False
+                continue
+            nxt = 0
+            for j, st in enumerate(rep.stages):
+                at = f"replica {i} stage {j}"
+                a, b = st.layers
+                if a != nxt:
+                    out.append(f"{at}: layers [{a}, {b}) should start at layer {nxt} "
+                               f"(each replica covers every layer once, in order)")
+                    layout_ok = False
+                if b <= a:
+                    out.append(f"{at}: layers [{a}, {b}) is empty; a stage holds at least one layer")
+                    layout_ok = False
+                nxt = max(b, nxt)
+                if st.dp < 1 or st.tp < 1:
+                    out.append(f"{at}: dp={st.dp} and tp={st.tp} must be positive")
+                    layout_ok = False
+                elif len(st.devices) != st.dp * st.tp:
+                    out.append(f"{at}: has {len(st.devices)} devices but a dp={st.dp} x tp={st.tp} mesh needs "
+                               f"{st.dp * st.tp}")
+                    layout_ok = False
+                bad = [d for d in st.devices if not 0 <= d < cluster.num_devices]
+                if bad:
+                    out.append(f"{at}: device(s) {bad} do not exist; {cluster.name} has devices "
+                               f"0..{cluster.num_devices - 1}")
+                    layout_ok = False
+                for d in st.devices:
+                    if d in used:
+                        out.append(f"{at}: device {d} is also used by {used[d]}; no device may be used twice")
+                        layout_ok = False
+                    elif 0 <= d < cluster.num_devices:
+                        used[d] = at
+                good = [d for d in st.devices if 0 <= d < cluster.num_devices]
+                hosts = sorted({cluster.host_of(d) for d in good})
+                if len(hosts) > 1:
+                    names = ", ".join(cluster.hosts[h].name for h in hosts)
+                    out.append(f"{at}: devices {list(st.devices)} span hosts {names}; a stage's devices must be "
+                               "on one host (split it into one stage per host)")
+                    layout_ok = False
+                elif hosts and st.host and st.host != cluster.hosts[hosts[0]].name:
+                    out.append(f"{at}: says host {st.host!r} but its devices are on {cluster.hosts[hosts[0]].name!r}")
+                out += [f"{at}: {p}" for p in tp_problems(cfg, st.tp)]
+                if st.tp >= 1 and tp_problems(cfg, st.tp):
+                    layout_ok = False
+            if nxt != cfg.num_layers or (rep.stages and rep.stages[-1].layers[1] != cfg.num_layers):
+                out.append(f"replica {i}: stages end at layer {rep.stages[-1].layers[1]} but {cfg.name} has "
+                           f"{cfg.num_layers} layers; the last stage must stop at {cfg.num_layers}")
+                layout_ok = False
+        if layout_ok and self.replicas:
+            wl = workload or self.workload or Workload(1, 1, 1)
+            pred = cost.predict(self, cfg, cluster, wl)
+            for i, (rep, rp) in enumerate(zip(self.replicas, pred.replicas)):
+                for j, (st, sp) in enumerate(zip(rep.stages, rp.stages)):
+                    if sp.memory_bytes > sp.capacity_bytes:
+                        out.append(
+                            f"replica {i} stage {j}: needs {_gib(sp.memory_bytes)} per device (weights "
+                            f"{_gib(sp.weight_bytes)}, KV cache {_gib(sp.kv_bytes)}, activations "
+                            f"{_gib(sp.activation_bytes)}) but {sp.host}'s devices allow {_gib(sp.capacity_bytes)} "
+                            f"({cluster.hosts[cluster.host_of(st.devices[0])].device.name}, less the "
+                            f"{cost.MEMORY_RESERVE_FRACTION:.0%} reserve); use more tp, fewer layers or a smaller batch")
+        return out
+
+    def validate(self, model_cfg, cluster, workload: Workload | None = None) -> None:
+        """Raise :class:`PlanError` listing every violated rule."""
+        problems = self.violations(model_cfg, cluster, workload)
+        if problems:
+            raise PlanError(f"invalid plan ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n"
+                            + "\n".join(f"  - {p}" for p in problems))
+
+
+def tp_problems(cfg, tp: int) -> list[str]:
+    """Why ``tp`` cannot split ``cfg`` (empty when it can)."""
+    out = []
+    if tp < 1:
+        return out
+    if cfg.num_heads % tp:
+        out.append(f"tp={tp} does not divide the {cfg.num_heads} attention heads")
+    if cfg.intermediate_size % tp:
+        out.append(f"tp={tp} does not divide the MLP width {cfg.intermediate_size}")
+    kv = cfg.num_kv_heads
+    if tp <= kv and kv % tp:
+        out.append(f"tp={tp} does not divide the {kv} KV heads")
+    if tp > kv and tp % kv:
+        out.append(f"tp={tp} exceeds the {kv} KV heads but is not a multiple of them (they are replicated)")
+    return out
+
+
+def valid_tp(cfg, tp: int) -> bool:
+    return tp >= 1 and not tp_problems(cfg, tp)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

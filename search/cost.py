@@ -1,0 +1,481 @@
+"""Analytic cost model of serving a Llama-family model with a plan.
+
+Every figure is in bytes, seconds, FLOPs and dollars. Symbols: ``h`` hidden
+size, ``f`` MLP width, ``q = heads * head_dim``, ``d_h`` head dim, ``V``
+vocabulary, ``e`` bytes per parameter/activation element (``dtype_bytes``),
+``s`` prompt length, ``n`` output length, ``B`` requests in flight per
+replica, ``L`` layers. A stage holds ``l`` layers on a ``(dp, tp)`` mesh of
+one host whose devices have peak FLOP/s ``c``, memory bandwidth ``m``,
+memory ``M``, and intra-host link bandwidth ``β`` and latency ``α``.
+
+Sharding (as the runtime lays it out)
+    Attention heads and the MLP width are split over ``tp``; KV heads are
+    split when ``tp`` divides them and replicated otherwise, so a device holds
+    ``k_dev = kv_heads / tp`` or ``kv_heads`` KV heads. The vocabulary
+    (embedding and LM head) is split over ``tp`` when ``tp`` divides it.
+    Each of the ``dp`` rows holds a full copy of the stage's layers.
+
+Microbatches
+    A replica of ``P`` stages either sends its ``B`` requests through as one
+    microbatch, or splits them into ``mb = min(B, P)`` microbatches of
+    ``b = ceil(B / mb)`` requests so that the pipeline is kept full whenever
+    ``B >= P``; the model takes whichever of the two fits in memory and gives
+    the shorter cycle (splitting pays off when stages are compute-bound; when
+    they are bound by reading weights, every extra microbatch reads them
+    again). Inside a stage each microbatch is split over the ``dp`` rows: a
+    row works on ``r = ceil(b / dp)`` requests and keeps the KV cache of
+    ``mb * r``.
+
+Per-device FLOPs of one layer for one token attending to ``x`` keys
+    ``2 (h q / tp + 2 h k_dev d_h + q h / tp + 3 h f / tp) + 4 (heads / tp) d_h x``
+    (the model's ``layer_flops_per_token`` at ``tp = 1``). The last stage adds
+    ``2 h V_dev`` per token that gets logits (the LM head).
+
+Stage compute time (per microbatch)
+    Prefill: ``r s`` tokens with mean context ``(s + 1) / 2`` (exact for the
+    causal sum, since attention FLOPs are linear in the context); logits for
+    the last position only. Bytes read: the stage's weights once plus the KV
+    cache written. Decode step: ``r`` tokens at the mean context
+    ``s + n / 2`` of the ``n - 1`` decode steps; bytes: weights plus the KV
+    cache read (``r (s + n/2) l 2 k_dev d_h e``). FLOPs and bytes are kept
+    apart and the slower bound wins::
+
+        t = max(flops / (c * FLOPS_EFFICIENCY), bytes / (m * MEMORY_BANDWIDTH_EFFICIENCY))
+
+Tensor parallelism
+    Two all-reduces per layer (after attention and after the MLP) of
+    ``r * tokens * h * e`` bytes, ring model over the host's link::
+
+        2 (tp - 1) / tp * bytes / (β * LINK_EFFICIENCY) + 2 (tp - 1) α
+
+    plus, when the vocabulary is split, one all-reduce of the embedding
+    output on the first stage and an all-gather of the ``r V`` float32
+    logits on the last: ``(tp - 1) / tp * bytes / β' + (tp - 1) α``.
+
+Pipeline hops
+    A stage receives its microbatch from the previous stage over the link
+    between their hosts (bandwidth ``β_ij``, latency ``α_ij``):
+    ``α_ij + b * tokens * h * e / (β_ij * LINK_EFFICIENCY)``; the last stage
+    sends the ``b`` sampled token ids (4 bytes each) back to the first stage
+    for every decode step. The receiving (or, for the token, the sending)
+    stage is busy during the transfer: communication does not overlap
+    compute. A one-stage replica has no hops.
+
+Replica times
+    Per stage and microbatch: ``w_pre`` (prefill) and ``w_dec`` (one decode
+    step), each = hop + compute + tensor-parallel collectives. The work a
+    stage does for one microbatch's whole life is
+    ``W = w_pre + (n - 1) w_dec``. The ``mb`` microbatches circulate through
+    the ``P`` stages; a batch of ``B`` requests completes after::
+
+        C = max(Σ_s W_s, mb * max_s W_s)
+
+    (one microbatch cannot go faster than its own chain; the busiest stage
+    must serve all ``mb``). ``C`` is the end-to-end latency of a request and
+    what every objective uses. Throughput of a replica = ``B n / C`` output
+    tokens/s and ``B / C`` requests/s (batches served back to back). For
+    reading, TTFT = ``Σ_s w_pre,s + (mb - 1) max_s w_pre,s`` (the prefills
+    filling the pipeline) and TPOT = ``max(Σ_s w_dec,s, mb max_s w_dec,s)``
+    (one decode round of every microbatch); ``TTFT + (n - 1) TPOT`` can
+    exceed ``C`` because in the cycle one microbatch's prefill overlaps
+    another's decode. A plan's throughput is the sum over replicas; its
+    latencies are the worst replica's.
+
+Memory per device
+    Weights ``e (l * layer_dev + [first] V_dev h + [last] (V_dev h + h))``
+    where ``layer_dev`` counts ``q/tp`` query and output columns, ``k_dev``
+    KV heads, ``f/tp`` MLP columns and the two norms (a tied LM head is
+    stored again on the last stage unless it is also the first); KV cache
+    ``l * mb * r * (s + n) * 2 k_dev d_h e``; activation workspace of the
+    largest step (a prefill of one row, one layer at a time:
+    ``r s (2h + 2q/tp + 2 k_dev d_h + 3f/tp) e`` plus float32 attention
+    scores ``r (heads/tp) s^2 * 4`` and the last stage's float32 logits
+    ``r V_dev * 4``). It must fit ``M * (1 - MEMORY_RESERVE_FRACTION)``.
+
+Cost
+    Price per hour = sum of the used devices' prices; tokens per dollar =
+    ``3600 * throughput / price``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import numpy as np
+
+from hexjax.devices import DeviceSpec
+from hexjax.models.config import ModelConfig
+from hexjax.workload import Workload
+
+FLOPS_EFFICIENCY = 0.7
+"""Fraction of peak dense FLOP/s that large bf16 matmuls reach in practice."""
+MEMORY_BANDWIDTH_EFFICIENCY = 0.8
+"""Fraction of the vendor memory bandwidth that streaming reads reach."""
+LINK_EFFICIENCY = 0.8
+"""Fraction of a link's nominal bandwidth that collectives and transfers reach."""
+MEMORY_RESERVE_FRACTION = 0.1
+"""Share of device memory kept free for the runtime, compiler scratch and fragmentation."""
+TOKEN_ID_BYTES = 4
+"""Bytes of one sampled token id sent back to the first stage."""
+LOGIT_BYTES = 4
+"""Logits are float32."""
+
+
+# ---- sharded sizes ----
+
+def kv_heads_per_device(cfg: ModelConfig, tp: int) -> int:
+    """KV heads a device holds: split when ``tp`` divides them, else all of them."""
+    return cfg.num_kv_heads // tp if cfg.num_kv_heads % tp == 0 else cfg.num_kv_heads
+
+
+def vocab_per_device(cfg: ModelConfig, tp: int) -> int:
+    """Vocabulary rows a device holds: split when ``tp`` divides the vocabulary."""
+    return cfg.vocab_size // tp if cfg.vocab_size % tp == 0 else cfg.vocab_size
+
+
+def layer_params_per_device(cfg: ModelConfig, tp: int) -> int:
+    """Parameters of one decoder layer on one device of a ``tp``-way stage."""
+    h, f, q, dh = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.head_dim
+    kv = kv_heads_per_device(cfg, tp) * dh
+    params = h * q // tp + 2 * h * kv + q * h // tp + 3 * h * f // tp + 2 * h
+    if cfg.attention_bias:
+        params += q // tp + 2 * kv + h
+    if cfg.mlp_bias:
+        params += 2 * f // tp + h
+    return params
+
+
+def layer_flops_per_device(cfg: ModelConfig, tp: int, context: float) -> float:
+    """Forward FLOPs of one layer for one token attending to ``context`` keys, on one device."""
+    h, f, q, dh = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.head_dim
+    kv = kv_heads_per_device(cfg, tp) * dh
+    matmul = 2 * (h * q / tp + 2 * h * kv + q * h / tp + 3 * h * f / tp)
+    return matmul + 4 * (cfg.num_heads / tp) * dh * context
+
+
+def usable_memory_bytes(device: DeviceSpec) -> float:
+    """Memory a plan may fill on ``device``."""
+    return device.memory_bytes * (1.0 - MEMORY_RESERVE_FRACTION)
+
+
+def microbatch_options(batch: int, num_stages: int) -> list[tuple[int, int]]:
+    """``(microbatches, requests per microbatch)`` a replica of ``num_stages`` stages may use."""
+    mb = min(batch, num_stages)
+    return [(1, batch)] + ([(mb, -(-batch // mb))] if mb > 1 else [])
+
+
+# ---- one stage ----
+
+@dataclasses.dataclass(frozen=True)
+class StageCost:
+    """Predicted time and memory of one stage (per microbatch), excluding hops."""
+
+    prefill_s: float
+    """Prefill of one microbatch: compute plus tensor-parallel collectives."""
+    decode_s: float
+    """One decode step of one microbatch: compute plus collectives."""
+    weight_bytes: float
+    """Parameters per device."""
+    kv_bytes: float
+    """KV cache per device."""
+    activation_bytes: float
+    """Activation workspace per device."""
+    capacity_bytes: float
+    """Memory a plan may use on one of its devices."""
+
+    @property
+    def memory_bytes(self) -> float:
+        """Peak memory per device."""
+        return self.weight_bytes + self.kv_bytes + self.activation_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.memory_bytes <= self.capacity_bytes
+
+
+def _allreduce_s(nbytes: float, tp: int, bandwidth_Bps: float, latency_s: float) -> float:
+    return 2 * (tp - 1) / tp * nbytes / (bandwidth_Bps * LINK_EFFICIENCY) + 2 * (tp - 1) * latency_s
+
+
+def _allgather_s(nbytes: float, tp: int, bandwidth_Bps: float, latency_s: float) -> float:
+    return (tp - 1) / tp * nbytes / (bandwidth_Bps * LINK_EFFICIENCY) + (tp - 1) * latency_s
+
+
+def stage_cost(cfg: ModelConfig, device: DeviceSpec, intra_bandwidth_Bps: float, intra_latency_s: float,
+               num_layers: int, dp: int, tp: int, first: bool, last: bool, microbatches: int,
+               microbatch: int, workload: Workload, dtype_bytes: int = 2) -> StageCost:
+    """Time and memory of a stage of ``num_layers`` layers on a ``(dp, tp)`` mesh of one host.
+
+    ``num_layers`` may be an integer array: every field then holds one value per entry.
+    """
+    e = dtype_bytes
+    h, dh, l = cfg.hidden_size, cfg.head_dim, num_layers
+    s, n = workload.prompt_len, workload.output_len
+    r = -(-microbatch // dp)                       # requests per row
+    kv_dev = kv_heads_per_device(cfg, tp) * dh
+    vocab_dev = vocab_per_device(cfg, tp)
+    vocab_split = vocab_dev != cfg.vocab_size
+
+    layer_bytes = layer_params_per_device(cfg, tp) * e
+    weights = l * layer_bytes
+    if first:
+        weights += vocab_dev * h * e
+    if last:
+        weights += h * e
+        if not (cfg.tie_word_embeddings and first):
+            weights += vocab_dev * h * e
+    kv_token_bytes = 2 * kv_dev * e                # one token, one layer, this device
+    kv = l * microbatches * r * workload.context_len * kv_token_bytes
+    act = r * s * (2 * h + 2 * cfg.q_size / tp + 2 * kv_dev + 3 * cfg.intermediate_size / tp) * e
+    act += r * (cfg.num_heads / tp) * s * s * 4
+    if last:
+        act += r * vocab_dev * LOGIT_BYTES
+
+    peak, bw = device.peak_flops * FLOPS_EFFICIENCY, device.memory_bandwidth_Bps * MEMORY_BANDWIDTH_EFFICIENCY
+    head_flops = 2 * h * vocab_dev if last else 0.0
+
+    # prefill of one microbatch
+    flops = l * r * s * layer_flops_per_device(cfg, tp, (s + 1) / 2) + r * head_flops
+    nbytes = weights + l * r * s * kv_token_bytes
+    prefill = _max(flops / peak, nbytes / bw)
+    # one decode step at the mean context
+    ctx = s + n / 2
+    flops = l * r * layer_flops_per_device(cfg, tp, ctx) + r * head_flops
+    nbytes = weights + l * r * ctx * kv_token_bytes
+    decode = _max(flops / peak, nbytes / bw)
+
+    if tp > 1:
+        for tokens in (s, 1):
+            comm = 2 * l * _allreduce_s(r * tokens * h * e, tp, intra_bandwidth_Bps, intra_latency_s)
+            if first and vocab_split:
+                comm += _allreduce_s(r * tokens * h * e, tp, intra_bandwidth_Bps, intra_latency_s)
+            if last and vocab_split:
+                comm += _allgather_s(r * cfg.vocab_size * LOGIT_BYTES, tp, intra_bandwidth_Bps, intra_latency_s)
+            if tokens == s:
+                prefill += comm
+            else:
+                decode += comm
+    return StageCost(prefill, decode, weights, kv, act, usable_memory_bytes(device))
+
+
+def _max(a, b):
+    # elementwise when the stage is costed for a vector of layer counts at once
+    return np.maximum(a, b) if isinstance(a, np.ndarray) or isinstance(b, np.ndarray) else max(a, b)
+
+
+def hop_s(nbytes: float, bandwidth_Bps: float, latency_s: float) -> float:
+    """One transfer of ``nbytes`` over a link."""
+    return latency_s + nbytes / (bandwidth_Bps * LINK_EFFICIENCY)
+
+
+def hop_bytes(cfg: ModelConfig, workload: Workload, microbatch: int, dtype_bytes: int = 2) -> tuple[float, float, float]:
+    """Bytes of one microbatch's (prefill activations, decode activations, token ids back)."""
+    act = microbatch * cfg.hidden_size * dtype_bytes
+    return act * workload.prompt_len, act, microbatch * TOKEN_ID_BYTES
+
+
+def busy_s(prefill_s: float, decode_s: float, workload: Workload) -> float:
+    """A stage's work for one microbatch's whole life."""
+    return prefill_s + (workload.output_len - 1) * decode_s
+
+
+def cycle_s(busy: list[float], microbatches: int) -> float:
+    """Time for a replica to serve one batch: ``max(Σ W, mb * max W)``."""
+    total = 0.0
+    for w in busy:
+        total += w
+    return max(total, microbatches * max(busy))
+
+
+# ---- predictions ----
+
+@dataclasses.dataclass(frozen=True)
+class StagePrediction:
+    """One stage of one replica, with its hops."""
+
+    host: str
+    """Host the stage runs on."""
+    layers: tuple[int, int]
+    """``[start, stop)``."""
+    dp: int
+    """Data-parallel rows."""
+    tp: int
+    """Tensor-parallel degree."""
+    prefill_s: float
+    """Prefill of one microbatch, including the hop into the stage."""
+    decode_s: float
+    """One decode step of one microbatch, including hops."""
+    busy_s: float
+    """Work for one microbatch's whole life: ``prefill + (n - 1) decode``."""
+    memory_bytes: float
+    """Peak memory per device."""
+    weight_bytes: float
+    """Parameters per device."""
+    kv_bytes: float
+    """KV cache per device."""
+    activation_bytes: float
+    """Activation workspace per device."""
+    capacity_bytes: float
+    """Usable memory per device."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaPrediction:
+    """Predicted behaviour of one pipeline."""
+
+    stages: tuple[StagePrediction, ...]
+    """Per stage."""
+    microbatches: int
+    """How many microbatches the batch is split into."""
+    microbatch: int
+    """Requests per microbatch."""
+    ttft_s: float
+    """Time to first token: the prefills of all microbatches through the pipeline."""
+    tpot_s: float
+    """Time per output token in steady decoding: one round of every microbatch."""
+    latency_s: float
+    """End-to-end latency of a request (one batch cycle)."""
+    throughput_tokens_per_s: float
+    """Output tokens per second with batches served back to back."""
+    requests_per_s: float
+    """Requests completed per second."""
+    price_per_hour: float
+    """Price of the replica's devices."""
+
+    @property
+    def fits(self) -> bool:
+        return all(s.memory_bytes <= s.capacity_bytes for s in self.stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """Predicted behaviour of a whole plan."""
+
+    replicas: tuple[ReplicaPrediction, ...]
+    """Per replica."""
+    ttft_s: float
+    """Worst replica's time to first token."""
+    tpot_s: float
+    """Worst replica's time per output token."""
+    latency_s: float
+    """Worst replica's end-to-end latency."""
+    throughput_tokens_per_s: float
+    """Output tokens per second, summed over replicas."""
+    requests_per_s: float
+    """Requests per second the plan sustains."""
+    price_per_hour: float
+    """Price of the devices the plan uses."""
+    tokens_per_dollar: float
+    """Output tokens per dollar."""
+    memory_bytes: dict[int, float]
+    """Peak memory per used device (global index)."""
+    capacity_bytes: dict[int, float]
+    """Usable memory per used device."""
+
+    @property
+    def fits(self) -> bool:
+        return all(self.memory_bytes[d] <= self.capacity_bytes[d] for d in self.memory_bytes)
+
+    def meets(self, workload: Workload) -> bool:
+        """Latency within the SLO and rate covered, where the workload sets them."""
+        if workload.slo_s is not None and self.latency_s > workload.slo_s:
+            return False
+        return workload.rate_per_s is None or self.requests_per_s >= workload.rate_per_s
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (what a saved plan carries)."""
+        return {
+            "ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "latency_s": self.latency_s,
+            "throughput_tokens_per_s": self.throughput_tokens_per_s, "requests_per_s": self.requests_per_s,
+            "price_per_hour": self.price_per_hour, "tokens_per_dollar": self.tokens_per_dollar,
+            "peak_memory_bytes": max(self.memory_bytes.values(), default=0.0),
+            "replicas": [{
+                "ttft_s": r.ttft_s, "tpot_s": r.tpot_s, "latency_s": r.latency_s,
+                "throughput_tokens_per_s": r.throughput_tokens_per_s, "microbatches": r.microbatches,
+                "microbatch": r.microbatch,
+                "stages": [{"prefill_s": s.prefill_s, "decode_s": s.decode_s, "busy_s": s.busy_s,
+                            "memory_bytes": s.memory_bytes, "capacity_bytes": s.capacity_bytes}
+                           for s in r.stages],
+            } for r in self.replicas],
+        }
+
+
+def tokens_per_dollar(throughput_tokens_per_s: float, price_per_hour: float) -> float:
+    """Output tokens bought by one dollar (infinite on free devices)."""
+    if price_per_hour <= 0:
+        return math.inf if throughput_tokens_per_s > 0 else 0.0
+    return 3600.0 * throughput_tokens_per_s / price_per_hour
+
+
+def predict_replica(replica, cfg: ModelConfig, cluster, workload: Workload, dtype_bytes: int = 2) -> ReplicaPrediction:
+    """Evaluate one replica (a :class:`hexjax.plan.Replica`) with the formulas above.
+
+    Of the microbatch options, the one that fits with the shortest cycle wins
+    (if none fits, the one with the least peak memory is reported).
+    """
+    options = [_predict_replica(replica, cfg, cluster, workload, dtype_bytes, mb, b)
+               for mb, b in microbatch_options(workload.batch, len(replica.stages))]
+    fitting = [p for p in options if p.fits]
+    if fitting:
+        return min(fitting, key=lambda p: p.latency_s)
+    return min(options, key=lambda p: max(s.memory_bytes - s.capacity_bytes for s in p.stages))
+
+
+# predictions of many plans (the exhaustive search, explain) meet the same stages again and again
+_stage_cost_memo = functools.lru_cache(maxsize=1 << 16)(stage_cost)
+
+
+def _predict_replica(replica, cfg, cluster, workload, dtype_bytes, mb, b) -> ReplicaPrediction:
+    stages = replica.stages
+    P = len(stages)
+    hosts = [cluster.host_of(st.devices[0]) for st in stages]
+    pre_b, dec_b, tok_b = hop_bytes(cfg, workload, b, dtype_bytes)
+    preds, busy, pre, dec = [], [], [], []
+    for k, st in enumerate(stages):
+        host = cluster.hosts[hosts[k]]
+        c = _stage_cost_memo(cfg, host.device, host.intra_bandwidth_Bps, host.intra_latency_s,
+                             st.layers[1] - st.layers[0], st.dp, st.tp, k == 0, k == P - 1, mb, b, workload,
+                             dtype_bytes)
+        w_pre, w_dec = c.prefill_s, c.decode_s
+        if k > 0:
+            bw, lat = cluster.host_bandwidth(hosts[k - 1], hosts[k]), cluster.host_latency(hosts[k - 1], hosts[k])
+            w_pre = hop_s(pre_b, bw, lat) + w_pre
+            w_dec = hop_s(dec_b, bw, lat) + w_dec
+        if k == P - 1 and P > 1:
+            bw, lat = cluster.host_bandwidth(hosts[k], hosts[0]), cluster.host_latency(hosts[k], hosts[0])
+            w_dec = w_dec + hop_s(tok_b, bw, lat)
+        w = busy_s(w_pre, w_dec, workload)
+        busy.append(w)
+        pre.append(w_pre)
+        dec.append(w_dec)
+        preds.append(StagePrediction(host.name, tuple(st.layers), st.dp, st.tp, w_pre, w_dec, w,
+                                     c.memory_bytes, c.weight_bytes, c.kv_bytes, c.activation_bytes,
+                                     c.capacity_bytes))
+    cycle = cycle_s(busy, mb)
+    ttft = sum(pre) + (mb - 1) * max(pre)
+    n = workload.output_len
+    tpot = max(sum(dec), mb * max(dec)) if n > 1 else 0.0
+    price = sum(cluster.device(d).price_per_hour for st in stages for d in st.devices)
+    return ReplicaPrediction(tuple(preds), mb, b, ttft, tpot, cycle, workload.batch * n / cycle,
+                             workload.batch / cycle, price)
+
+
+def predict(plan, cfg: ModelConfig, cluster, workload: Workload) -> Prediction:
+    """Evaluate every replica of ``plan`` and combine them."""
+    dtype_bytes = plan.dtype_bytes
+    reps = tuple(predict_replica(r, cfg, cluster, workload, dtype_bytes) for r in plan.replicas)
+    memory, capacity = {}, {}
+    for rep, rp in zip(plan.replicas, reps):
+        for st, sp in zip(rep.stages, rp.stages):
+            for d in st.devices:
+                memory[d] = sp.memory_bytes
+                capacity[d] = sp.capacity_bytes
+    thr = sum(r.throughput_tokens_per_s for r in reps)
+    price = sum(r.price_per_hour for r in reps)
+    worst = (lambda f: max((f(r) for r in reps), default=0.0))
+    return Prediction(reps, worst(lambda r: r.ttft_s), worst(lambda r: r.tpot_s), worst(lambda r: r.latency_s),
+                      thr, sum(r.requests_per_s for r in reps), price, tokens_per_dollar(thr, price),
+                      memory, capacity)

@@ -1,0 +1,114 @@
+"""Cost model against hand arithmetic on a model small enough to count by hand."""
+
+import math
+
+import pytest
+
+from hexjax.cluster import Cluster, Host
+from hexjax.devices import DeviceSpec
+from hexjax.models.config import ModelConfig
+from hexjax.plan import Plan, Replica, Stage
+from hexjax.search import cost
+from hexjax.workload import Workload
+
+# h=8, f=16, 2 layers, 2 heads of 4, 1 KV head, vocab 100
+CFG = ModelConfig("hand", 100, 8, 16, 2, 2, 1)
+DEV = DeviceSpec("dev", 2**20, 1e9, 1e8, 1e7, 2.0)
+SLOW = DeviceSpec("slow", 2**20, 5e8, 5e7, 1e7, 1.0)
+
+
+def cluster(net_bw=1e6, net_lat=1e-4):
+    hosts = (Host("a", DEV, 2, "z", 0, 4e6, 2e-5), Host("b", SLOW, 1, "z", 2, 4e6, 2e-5))
+    return Cluster(hosts, network_bandwidth_Bps=net_bw, network_latency_s=net_lat)
+
+
+def test_sizes_match_the_model_config():
+    assert cost.layer_params_per_device(CFG, 1) == CFG.layer_params == 592
+    for ctx in (1, 7.5, 100):
+        assert cost.layer_flops_per_device(CFG, 1, ctx) == pytest.approx(CFG.layer_flops_per_token(ctx))
+    big = ModelConfig.preset("llama-2-70b")
+    assert cost.layer_params_per_device(big, 1) == big.layer_params
+
+
+def test_kv_heads_split_or_replicated():
+    # 1 KV head and tp=2: every device keeps it (replicated), queries and MLP are split
+    assert cost.kv_heads_per_device(CFG, 2) == 1
+    assert cost.layer_params_per_device(CFG, 2) == 8 * 8 // 2 + 2 * 8 * 4 + 8 * 8 // 2 + 3 * 8 * 16 // 2 + 2 * 8
+    l70 = ModelConfig.preset("llama-2-70b")   # 8 KV heads
+    assert cost.kv_heads_per_device(l70, 4) == 2
+    assert cost.kv_heads_per_device(l70, 16) == 8
+
+
+def test_one_stage_by_hand():
+    wl = Workload(prompt_len=4, output_len=3, batch=2)
+    plan = Plan("hand", "", (Replica((Stage((0, 2), (0,)),)),))
+    pred = cost.predict(plan, CFG, cluster(), wl)
+    (rep,) = pred.replicas
+    (st,) = rep.stages
+    e, h, f, q, kv, V, s, n, r, l = 2, 8, 16, 8, 4, 100, 4, 3, 2, 2
+    layer = h * q + 2 * h * kv + q * h + 3 * h * f + 2 * h
+    weights = (l * layer + V * h + h + V * h) * e
+    kv_cache = l * 1 * r * (s + n) * 2 * kv * e
+    act = r * s * (2 * h + 2 * q + 2 * kv + 3 * f) * e + r * 2 * s * s * 4 + r * V * 4
+    assert st.weight_bytes == weights
+    assert st.kv_bytes == kv_cache
+    assert st.activation_bytes == act
+    matmul = 2 * (h * q + 2 * h * kv + q * h + 3 * h * f)
+    pre_flops = l * r * s * (matmul + 4 * 2 * 4 * (s + 1) / 2) + r * 2 * h * V
+    pre_bytes = weights + l * r * s * 2 * kv * e
+    prefill = max(pre_flops / (1e9 * 0.7), pre_bytes / (1e8 * 0.8))
+    ctx = s + n / 2
+    dec_flops = l * r * (matmul + 4 * 2 * 4 * ctx) + r * 2 * h * V
+    dec_bytes = weights + l * r * ctx * 2 * kv * e
+    decode = max(dec_flops / (1e9 * 0.7), dec_bytes / (1e8 * 0.8))
+    assert st.prefill_s == pytest.approx(prefill, rel=1e-12)
+    assert st.decode_s == pytest.approx(decode, rel=1e-12)
+    cycle = prefill + (n - 1) * decode
+    assert rep.microbatches == 1
+    assert pred.latency_s == pytest.approx(cycle)
+    assert pred.ttft_s == pytest.approx(prefill)
+    assert pred.tpot_s == pytest.approx(decode)
+    assert pred.throughput_tokens_per_s == pytest.approx(2 * 3 / cycle)
+    assert pred.price_per_hour == 2.0
+    assert pred.tokens_per_dollar == pytest.approx(3600 * 6 / cycle / 2.0)
+
+
+def test_tensor_parallel_collectives_by_hand():
+    wl = Workload(prompt_len=4, output_len=3, batch=1)
+    c1 = cost.stage_cost(CFG, DEV, 4e6, 2e-5, 1, 1, 2, False, False, 1, 1, wl)
+    # the same stage with an infinitely fast, latency-free link: compute only
+    c0 = cost.stage_cost(CFG, DEV, math.inf, 0.0, 1, 1, 2, False, False, 1, 1, wl)
+    msg_prefill, msg_decode = 1 * 4 * 8 * 2, 1 * 1 * 8 * 2   # r * tokens * h * e
+    ring = lambda m: 2 * (2 - 1) / 2 * m / (4e6 * 0.8) + 2 * (2 - 1) * 2e-5
+    assert c1.prefill_s - c0.prefill_s == pytest.approx(2 * 1 * ring(msg_prefill))
+    assert c1.decode_s - c0.decode_s == pytest.approx(2 * 1 * ring(msg_decode))
+
+
+def test_two_stage_pipeline_hops_and_microbatches():
+    wl = Workload(prompt_len=4, output_len=3, batch=2)
+    c = cluster()
+    plan = Plan("hand", "", (Replica((Stage((0, 1), (0, 1), 1, 2), Stage((1, 2), (2,)))),))
+    pred = cost.predict(plan, CFG, c, wl)
+    (rep,) = pred.replicas
+    options = []
+    for mb, b in ((1, 2), (2, 1)):
+        s0 = cost.stage_cost(CFG, DEV, 4e6, 2e-5, 1, 1, 2, True, False, mb, b, wl)
+        s1 = cost.stage_cost(CFG, SLOW, 4e6, 2e-5, 1, 1, 1, False, True, mb, b, wl)
+        hop_pre = 1e-4 + b * 4 * 8 * 2 / (1e6 * 0.8)
+        hop_dec = 1e-4 + b * 8 * 2 / (1e6 * 0.8)
+        back = 1e-4 + b * 4 / (1e6 * 0.8)
+        w0 = s0.prefill_s + 2 * s0.decode_s
+        w1 = (hop_pre + s1.prefill_s) + 2 * (hop_dec + s1.decode_s + back)
+        options.append(max(w0 + w1, mb * max(w0, w1)))
+    assert rep.latency_s == pytest.approx(min(options))
+    assert rep.microbatches == (1 if options[0] <= options[1] else 2)
+    assert pred.price_per_hour == 2 * 2.0 + 1.0
+
+
+def test_memory_rule_uses_the_workload():
+    c = cluster()
+    plan = Plan("hand", "", (Replica((Stage((0, 2), (0,)),)),))
+    assert plan.violations(CFG, c, Workload(4, 4, 1)) == []
+    # 2000 requests of 600 tokens do not fit 1 MiB
+    problems = plan.violations(CFG, c, Workload(100, 500, 2000))
+    assert len(problems) == 1 and "needs" in problems[0] and "KV cache" in problems[0]

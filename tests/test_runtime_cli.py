@@ -1,6 +1,7 @@
 """``hexjax generate`` and ``hexjax dump-hlo`` end to end (in-process, 8 virtual devices)."""
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -10,6 +11,7 @@ from hexjax.errors import PlanError
 from hexjax.models import LlamaModel, ModelConfig
 from hexjax.plan import Plan, Replica, Stage
 
+ROOT = Path(__file__).resolve().parents[1]
 UNEVEN = Plan("tiny", "", (Replica((Stage((0, 1), (5,)), Stage((1, 4), (0, 1, 2, 3), dp=2, tp=2))),))
 
 
@@ -65,3 +67,14 @@ def test_generate_with_text_prompt_and_tokenizer(tmp_path):
     assert out["prompts"] == [[5, 17, 200]] and out["random_weights"] is False
     assert out["tokens"] == lm.generate([[5, 17, 200]], 4)
     assert out["text"][0].split() == [f"w{t}" for t in out["tokens"][0]]
+
+
+def test_example_plans_are_well_formed():
+    from hexjax.models import ModelConfig
+    from hexjax.plan import Plan
+    from hexjax.runtime.generation import check_plan
+    files = sorted((ROOT / "examples" / "plans").glob("*.json"))
+    assert files
+    for f in files:
+        plan = Plan.load(f)
+        check_plan(plan, ModelConfig.preset(plan.model))

@@ -95,6 +95,24 @@ def _verify_json(report) -> dict:
          "fits": s.fits} for s in report.stages]}
 
 
+def _finish(plan, pred, cfg, cluster, wl, title: str, written: list[str], as_json: bool, verify: bool,
+            extra: dict | None = None) -> None:
+    """Print the plan (table or JSON), compiling it first with ``verify``; exit 1 if it does not fit."""
+    from hexjax.search.report import summary
+    if not as_json:
+        _show(plan, pred, cluster, title, written)
+    report = _verify(plan, cfg, cluster, wl, as_json) if verify else None
+    if as_json:
+        d = summary(plan, pred, cluster)
+        d.update(extra or {})
+        d["written"] = written
+        if report is not None:
+            d["verify"] = _verify_json(report)
+        typer.echo(json.dumps(d, indent=2))
+    if report is not None and not report.ok:
+        raise typer.Exit(1)
+
+
 def _start_compile_devices(cluster, verify: bool) -> None:
     # the number of virtual CPU devices is fixed when JAX starts: ask for the cluster's before searching
     if verify:
@@ -109,7 +127,6 @@ def plan_cmd(cluster_file: Path, model: str, prompt_len: int, output_len: int, b
     from hexjax.models.config import ModelConfig
     from hexjax.search import cost
     from hexjax.search.planner import plan as search_plan
-    from hexjax.search.report import summary
 
     cluster = Cluster.load(cluster_file)
     cfg = ModelConfig.load(model)
@@ -128,17 +145,7 @@ def plan_cmd(cluster_file: Path, model: str, prompt_len: int, output_len: int, b
         written.append(str(out))
     title = f"{cfg.name} on {cluster.name}: best plan for {objective}"
     written += _pictures(svg, png, title, result, cluster, pred)
-    if not as_json:
-        _show(result, pred, cluster, title, written)
-    report = _verify(result, cfg, cluster, wl, as_json) if verify else None
-    if as_json:
-        d = summary(result, pred, cluster)
-        d["written"] = written
-        if report is not None:
-            d["verify"] = _verify_json(report)
-        typer.echo(json.dumps(d, indent=2))
-    if report is not None and not report.ok:
-        raise typer.Exit(1)
+    _finish(result, pred, cfg, cluster, wl, title, written, as_json, verify)
 
 
 def explain_cmd(plan_file: Path, cluster_file: Path, model: str, prompt_len: int | None, output_len: int | None,
@@ -148,7 +155,6 @@ def explain_cmd(plan_file: Path, cluster_file: Path, model: str, prompt_len: int
     from hexjax.models.config import ModelConfig
     from hexjax.plan import Plan
     from hexjax.search import cost
-    from hexjax.search.report import summary
 
     cluster = Cluster.load(cluster_file)
     cfg = ModelConfig.load(model)
@@ -173,18 +179,7 @@ def explain_cmd(plan_file: Path, cluster_file: Path, model: str, prompt_len: int
     pred = cost.predict(plan, cfg, cluster, wl)
     title = f"{plan_file.name}: {cfg.name} on {cluster.name}"
     written = _pictures(svg, png, title, plan, cluster, pred)
-    if not as_json:
-        _show(plan, pred, cluster, title, written)
-    report = _verify(plan, cfg, cluster, wl, as_json) if verify else None
-    if as_json:
-        d = summary(plan, pred, cluster)
-        d["valid"] = True
-        d["written"] = written
-        if report is not None:
-            d["verify"] = _verify_json(report)
-        typer.echo(json.dumps(d, indent=2))
-    if report is not None and not report.ok:
-        raise typer.Exit(1)
+    _finish(plan, pred, cfg, cluster, wl, title, written, as_json, verify, extra={"valid": True})
 
 
 def register(app: typer.Typer) -> None:

@@ -86,7 +86,10 @@ Memory per device
     where ``layer_dev`` counts ``q/tp`` query and output columns, ``k_dev``
     KV heads, ``f/tp`` MLP columns and the two norms (a tied LM head is
     stored again on the last stage unless it is also the first); KV cache
-    ``l * mb * r * (s + n) * 2 k_dev d_h e``; activation workspace of the
+    in whole pages of ``p = KV_PAGE_TOKENS`` tokens, as the runtime
+    allocates it, plus the one page per device it keeps as a target for
+    padding writes: ``l * (mb * r * ceil((s + n) / p) + 1) * p * 2 k_dev d_h e``;
+    activation workspace of the
     largest step (a prefill of one row, one layer at a time:
     ``r s (2h + 2q/tp + 2 k_dev d_h + 3f/tp) e`` plus float32 attention
     scores ``r (heads/tp) s^2 * 4`` and the last stage's float32 logits
@@ -118,6 +121,8 @@ LINK_EFFICIENCY = 0.8
 """Fraction of a link's nominal bandwidth that collectives and transfers reach."""
 MEMORY_RESERVE_FRACTION = 0.1
 """Share of device memory kept free for the runtime, compiler scratch and fragmentation."""
+KV_PAGE_TOKENS = 16
+"""Tokens per KV-cache page (the runtime's default ``RunOptions.page_size``)."""
 TOKEN_ID_BYTES = 4
 """Bytes of one sampled token id sent back to the first stage."""
 LOGIT_BYTES = 4
@@ -228,7 +233,8 @@ def stage_cost(cfg: ModelConfig, device: DeviceSpec, intra_bandwidth_Bps: float,
         if not (cfg.tie_word_embeddings and first):
             weights += vocab_dev * h * e
     kv_token_bytes = 2 * kv_dev * e                # one token, one layer, this device
-    kv = l * microbatches * r * workload.context_len * kv_token_bytes
+    pages = microbatches * r * -(-workload.context_len // KV_PAGE_TOKENS) + 1
+    kv = l * pages * KV_PAGE_TOKENS * kv_token_bytes
     act = r * s * (2 * h + 2 * cfg.q_size / tp + 2 * kv_dev + 3 * cfg.intermediate_size / tp) * e
     act += r * (cfg.num_heads / tp) * s * s * 4
     if last:

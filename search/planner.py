@@ -185,17 +185,21 @@ def auto_max_stages(sym: Symmetry, num_devices: int, per_device: int = WORK_PER_
 
 
 def infeasible_message(cfg, cluster, workload: Workload, max_stages: int, dtype_bytes: int) -> str:
-    gib = 2**30
+    from hexjax.models.config import format_bytes as fb
     weights = min_weight_bytes(cfg, dtype_bytes)
     kv = workload.batch * workload.context_len * cfg.kv_bytes_per_token(dtype_bytes) * cfg.num_layers
     best_hosts = sorted((cost.usable_memory_bytes(h.device) * h.count for h in cluster.hosts), reverse=True)
     reach = sum(best_hosts[:max_stages])
     total = sum(best_hosts)
-    return (f"no plan fits {cfg.name} on {cluster.name}: it needs {weights / gib:.1f} GiB of weights plus "
-            f"{kv / gib:.1f} GiB of KV cache for {workload.batch} request(s) of {workload.context_len} tokens "
-            f"({(weights + kv) / gib:.1f} GiB) in one replica, but a pipeline over at most {max_stages} hosts "
-            f"offers at most {reach / gib:.1f} GiB usable (the whole cluster {total / gib:.1f} GiB, after the "
-            f"{cost.MEMORY_RESERVE_FRACTION:.0%} reserve); shortfall {max(weights + kv - reach, 0) / gib:.1f} GiB. "
+    short = weights + kv - reach
+    why = (f"shortfall {fb(short)}" if short > 0 else
+           "that is enough in total, but no split leaves every device room for its share of the weights, "
+           "KV cache and activation workspace")
+    return (f"no plan fits {cfg.name} on {cluster.name}: it needs {fb(weights)} of weights plus "
+            f"{fb(kv)} of KV cache for {workload.batch} request(s) of {workload.context_len} tokens "
+            f"({fb(weights + kv)}) in one replica, and a pipeline over at most {max_stages} hosts "
+            f"offers at most {fb(reach)} usable (the whole cluster {fb(total)}, after the "
+            f"{cost.MEMORY_RESERVE_FRACTION:.0%} reserve); {why}. "
             "Use a smaller batch or context, more or larger devices, or a larger max_stages")
 
 

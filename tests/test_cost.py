@@ -48,7 +48,7 @@ def test_one_stage_by_hand():
     e, h, f, q, kv, V, s, n, r, l = 2, 8, 16, 8, 4, 100, 4, 3, 2, 2
     layer = h * q + 2 * h * kv + q * h + 3 * h * f + 2 * h
     weights = (l * layer + V * h + h + V * h) * e
-    kv_cache = l * 1 * r * (s + n) * 2 * kv * e
+    kv_cache = l * (1 * r * 1 + 1) * 16 * 2 * kv * e   # s + n = 7 tokens: one page each, plus a reserved page
     act = r * s * (2 * h + 2 * q + 2 * kv + 3 * f) * e + r * 2 * s * s * 4 + r * V * 4
     assert st.weight_bytes == weights
     assert st.kv_bytes == kv_cache
@@ -112,3 +112,8 @@ def test_memory_rule_uses_the_workload():
     # 2000 requests of 600 tokens do not fit 1 MiB
     problems = plan.violations(CFG, c, Workload(100, 500, 2000))
     assert len(problems) == 1 and "needs" in problems[0] and "KV cache" in problems[0]
+
+
+def test_kv_pages_are_sized_like_the_runtime():
+    from hexjax.runtime import RunOptions
+    assert RunOptions().page_size == cost.KV_PAGE_TOKENS

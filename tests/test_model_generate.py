@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from hexjax.errors import ConfigError
 from hexjax.models import LlamaModel, ModelConfig, Sampling, sample, step_key
@@ -56,14 +55,3 @@ def test_bad_requests(model, prompts, n, match):
     with pytest.raises(ConfigError, match=match):
         model.generate(prompts, n)
 
-
-def test_demo_command_prints_the_generated_tokens():
-    from hexjax.cli import app
-    from hexjax.cli.demo import demo_prompts
-    result = CliRunner().invoke(app, ["demo", "--model", "tiny", "--max-new-tokens", "5", "--seed", "2"],
-                                env={"COLUMNS": "200"})
-    assert result.exit_code == 0, result.output
-    want = LlamaModel.random(TINY, seed=2).generate(demo_prompts(TINY.vocab_size, 2), 5)
-    for row in want:
-        assert " ".join(map(str, row)) in result.output
-    assert "tokens/s" in result.output and "cpu:0" in result.output

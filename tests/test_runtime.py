@@ -187,13 +187,15 @@ def test_memory_budget_caps_the_page_pool():
 
     plan = plan_of(*ONE_DEVICE)
     big = cluster(2**30)
-    c = cost.stage_cost(cfg, big.device(0), 1e11, 0, 4, 1, 1, True, True, 1, 1, Workload(16, 1, 1), 2)
+    # without a workload in the plan, the run's own: longest prompt, new tokens, all six requests at once
+    wl = Workload(max(map(len, PROMPTS)), NEW, len(PROMPTS))
+    c = cost.stage_cost(cfg, big.device(0), 1e11, 0, 4, 1, 1, True, True, 1, len(PROMPTS), wl, 2)
     page_bytes = 4 * 2 * cfg.num_kv_heads * cfg.head_dim * 16 * 2
     want = int((c.capacity_bytes - c.weight_bytes - c.activation_bytes) // page_bytes)
-    assert page_budget(plan.replicas[0], cfg, big, 2, 16) == want
+    assert page_budget(plan.replicas[0], cfg, big, 2, 16, wl) == [want]
     # room for 3 pages (one of them reserved); the six prompts need 8 (two of them take two pages)
     small = cluster((c.weight_bytes + c.activation_bytes + 3.5 * page_bytes) / (1 - cost.MEMORY_RESERVE_FRACTION))
-    assert page_budget(plan.replicas[0], cfg, small, 2, 16) == 3
+    assert page_budget(plan.replicas[0], cfg, small, 2, 16, wl) == [3]
     with pytest.raises(PagesExhaustedError, match="needs 8 pages of 16 tokens but the devices' memory budget holds 2"):
         run_plan(MODELS["tiny"], plan, PROMPTS, NEW, cluster=small)
 

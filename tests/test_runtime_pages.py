@@ -62,3 +62,25 @@ def test_bad_sizes():
         PageAllocator(num_pages=7, page_size=4, num_shards=2)
     with pytest.raises(ValueError, match="at least 2 pages"):
         PageAllocator(num_pages=1, page_size=4)
+
+
+@pytest.mark.parametrize("dps", [[1], [3], [2, 3], [3, 2], [4, 2, 1], [3, 4], [4, 3, 2]])
+def test_rows_spread_requests_evenly_over_every_stage_groups(dps):
+    # stages of different dp pad a microbatch to a multiple of all of them; the requests are then
+    # spread so that each stage's groups hold at most ceil(requests / dp), as the cost model assumes
+    import math
+
+    from hexjax.runtime.pipeline import assign_rows, group_pages, plan_layout
+    for n in range(1, 30):
+        for micro in (1, 2, 3):
+            lay = plan_layout(n, [5] * n, 3, len(dps), dps, 16, micro)
+            rows = assign_rows(n, lay, dps)
+            assert sorted(r for row in rows for r in row if r is not None) == list(range(n))
+            for dp in dps:
+                per = lay.micro_batch // dp
+                for row in rows:
+                    real = sum(r is not None for r in row)
+                    groups = [sum(r is not None for r in row[g * per:(g + 1) * per]) for g in range(dp)]
+                    assert max(groups) <= math.ceil(real / dp), (n, micro, dp, row)
+                # one page per request (5 + 3 tokens), plus the reserved page of each group
+                assert sum(group_pages(rows, [5] * n, 3, dp, 16)) == n + dp

@@ -20,7 +20,7 @@ class RunOptions:
     dtype: str | None = None
     """Parameter, activation and KV-cache dtype; None takes the model's (float32 for a config)."""
     page_size: int = 16
-    """Tokens per KV-cache page."""
+    """Tokens per KV-cache page (the cost model sizes plans with ``search.cost.KV_PAGE_TOKENS``, also 16)."""
     num_pages: int | None = None
     """KV-cache pages per replica; None sizes the pool to the requests."""
     micro_batches: int | None = None
@@ -96,28 +96,23 @@ def check_plan(plan, cfg: ModelConfig) -> None:
             raise PlanError(f"replica {ri}: stages end at layer {nxt} but {cfg.name} has {cfg.num_layers} layers")
 
 
-def page_budget(replica, cfg: ModelConfig, cluster, dtype_bytes: int, page_size: int) -> int:
-    """Most KV-cache pages a replica's devices hold beside their weights and workspace.
+def page_budget(replica, cfg: ModelConfig, cluster, dtype_bytes: int, page_size: int, workload) -> list[int]:
+    """KV-cache pages each stage's devices hold beside their weights and workspace (per device).
 
-    Per stage: usable memory of its smallest device (``search.cost``'s reserve
-    taken off) minus the stage's weights and activation workspace, divided by
-    one page's bytes on one device; a stage with ``dp`` groups holds ``dp``
-    times that.  Sized in the plan's dtype (``dtype_bytes``).
+    Per stage, as the cost model sizes it for ``workload`` (the plan's, so
+    that a plan the search found to fit gets the pages it was planned with):
+    usable memory of its smallest device (the reserve taken off) minus the
+    stage's weights and activation workspace, divided by one page's bytes on
+    one device.  Sized in the plan's dtype (``dtype_bytes``).
     """
     from hexjax.search import cost
-    from hexjax.workload import Workload
-    budget = None
-    n = len(replica.stages)
-    for si, st in enumerate(replica.stages):
-        device = min((cluster.device(i) for i in st.devices), key=lambda d: d.memory_bytes)
-        host = cluster.hosts[cluster.host_of(st.devices[0])]
+    pred = cost.predict_replica(replica, cfg, cluster, workload, dtype_bytes)
+    budget = []
+    for st, sp in zip(replica.stages, pred.stages):
         layers = st.layers[1] - st.layers[0]
-        c = cost.stage_cost(cfg, device, host.intra_bandwidth_Bps, host.intra_latency_s, layers, st.dp, st.tp,
-                            si == 0, si == n - 1, 1, st.dp, Workload(page_size, 1, st.dp), dtype_bytes)
         page_bytes = layers * 2 * cost.kv_heads_per_device(cfg, st.tp) * cfg.head_dim * page_size * dtype_bytes
-        free = c.capacity_bytes - c.weight_bytes - c.activation_bytes
-        pages = st.dp * max(0, int(free // page_bytes))
-        budget = pages if budget is None else min(budget, pages)
+        free = sp.capacity_bytes - sp.weight_bytes - sp.activation_bytes
+        budget.append(max(0, int(free // page_bytes)))
     return budget
 
 
@@ -179,10 +174,15 @@ def run_plan(model, plan, prompts: Sequence[Sequence[int]], max_new_tokens: int,
         else:
             from hexjax.runtime.hlo import plan_microbatches
             planned = plan_microbatches(plan)   # the search's choice, when the plan carries it
-    budgets = [page_budget(rep, cfg, cluster, getattr(plan, "dtype_bytes", 2), options.page_size)
-               if cluster is not None and options.num_pages is None else None for rep in plan.replicas]
+    shares = split_requests(len(prompts), len(plan.replicas))
+    budgets = [None] * len(plan.replicas)
+    if cluster is not None and options.num_pages is None:
+        from hexjax.workload import Workload
+        workload = plan.workload or Workload(max(map(len, prompts)), max_new_tokens, max(map(len, shares)))
+        budgets = [page_budget(rep, cfg, cluster, plan.dtype_bytes, options.page_size, workload)
+                   for rep in plan.replicas]
     runners = []
-    for ri, (rep, share) in enumerate(zip(plan.replicas, split_requests(len(prompts), len(plan.replicas)))):
+    for ri, (rep, share) in enumerate(zip(plan.replicas, shares)):
         if not share:
             continue
         runners.append(ReplicaRunner(

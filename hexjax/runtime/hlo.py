@@ -143,7 +143,7 @@ def compile_plan(plan, cfg: ModelConfig, workload, *, dtype: str = "bfloat16", p
     one microbatch per stage.
     """
     from hexjax.runtime.generation import check_plan
-    from hexjax.runtime.pipeline import plan_layout, shard_pages
+    from hexjax.runtime.pipeline import assign_rows, group_pages, plan_layout
     from hexjax.runtime.stage import StageKind, StageShape, stage_programs
 
     check_plan(plan, cfg)
@@ -162,11 +162,11 @@ def compile_plan(plan, cfg: ModelConfig, workload, *, dtype: str = "bfloat16", p
         micro = micro_batches.get(ri) if isinstance(micro_batches, dict) else micro_batches
         lay = plan_layout(batch, [prompt_len] * batch, output_len, len(stages), [s.dp for s in stages],
                           page_size, micro)
-        # the pool holds the whole replica batch, plus one reserved page per data-parallel range
-        shards = math.lcm(*(s.dp for s in stages))
-        num_pages = shards * max(shard_pages([prompt_len] * batch, output_len, lay, shards, page_size))
-        shape = StageShape(lay.micro_batch, lay.prompt_len, num_pages, page_size, lay.table_width)
+        rows = assign_rows(batch, lay, [s.dp for s in stages])
         for si, st in enumerate(stages):
+            # each stage's pool holds exactly the replica batch's pages, one reserved page per group
+            need = group_pages(rows, [prompt_len] * batch, output_len, st.dp, page_size)
+            shape = StageShape(lay.micro_batch, lay.prompt_len, st.dp * max(need), page_size, lay.table_width)
             start, stop = st.layers
             kind = StageKind(anon, start, stop - start, embed=si == 0, head=si == len(stages) - 1,
                              dp=st.dp, tp=st.tp, dtype=dtype, attention_impl=attention_impl)

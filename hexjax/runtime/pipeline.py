@@ -70,18 +70,62 @@ def plan_layout(num_requests: int, prompt_lens: list[int], max_new_tokens: int, 
     return Layout(micro, num_micro, prompt_len, width)
 
 
-def shard_pages(prompt_lens: list[int], max_new_tokens: int, layout: Layout, num_shards: int,
-                page_size: int) -> list[int]:
-    """Pages each data-parallel page range needs (its reserved page included).
+def assign_rows(num_requests: int, layout: Layout, dps: list[int]) -> list[list[int | None]]:
+    """Rows of each microbatch: request index, or None for a padding row.
 
-    Request ``k`` sits in row ``k % micro_batch`` of microbatch ``k // micro_batch``;
-    row ``i`` belongs to range ``i // (micro_batch / num_shards)``.
+    Microbatches are filled in order.  Inside one, each request takes the free
+    row whose data-parallel groups (one per stage: row ``i`` of a stage with
+    ``dp`` groups is in group ``i // (micro_batch / dp)``) hold the fewest
+    requests so far, so every stage's groups get at most ``ceil(requests / dp)``
+    sequences where that is possible, as the cost model assumes, even when the
+    stages' ``dp`` differ and rows are padded to a multiple of all of them.
     """
-    per = layout.micro_batch // num_shards
-    need = [1] * num_shards
-    for k, n in enumerate(prompt_lens):
-        need[(k % layout.micro_batch) // per] += pages_for(n + max_new_tokens, page_size)
+    mb = layout.micro_batch
+    rows: list[list[int | None]] = []
+    for m in range(layout.num_micro):
+        reqs = range(m * mb, min((m + 1) * mb, num_requests))
+        counts = [[0] * dp for dp in dps]
+        row: list[int | None] = [None] * mb
+        for k in reqs:
+            def load(i):
+                groups = [c[i // (mb // dp)] for c, dp in zip(counts, dps)]
+                return max(groups), sum(groups), i
+            best = min((i for i in range(mb) if row[i] is None), key=load)
+            row[best] = k
+            for c, dp in zip(counts, dps):
+                c[best // (mb // dp)] += 1
+        rows.append(row)
+    return rows
+
+
+def group_pages(rows: list[list[int | None]], lengths: list[int], max_new_tokens: int, dp: int,
+                page_size: int) -> list[int]:
+    """Pages each data-parallel group of a stage needs over all microbatches (its reserved page included)."""
+    need = [1] * dp
+    for row in rows:
+        per = len(row) // dp
+        for i, r in enumerate(row):
+            if r is not None:
+                need[i // per] += pages_for(lengths[r] + max_new_tokens, page_size)
     return need
+
+
+def pool_pages(need: list[int], dp: int, page_size: int, budget: int | None = None) -> int:
+    """Pages of a stage's pool (``dp`` equal ranges) for the groups' ``need``.
+
+    A power of two per range keeps the cache shape, and so the compiled code,
+    the same across similar runs; ``budget`` (pages per device that its memory
+    holds beside the weights) caps it, and a shortfall is an error.
+    """
+    per = 1 << (max(need) - 1).bit_length()
+    if budget is not None:
+        per = max(2, min(per, budget))
+    if max(need) > per:
+        raise PagesExhaustedError(
+            f"KV cache too small for the requests: a data-parallel group needs {max(need) - 1} pages of "
+            f"{page_size} tokens but the devices' memory budget holds {per - 1} beside the weights; "
+            "serve fewer or shorter sequences per replica, or use a plan with more memory per stage")
+    return dp * per
 
 
 class ReplicaRunner:
@@ -90,46 +134,39 @@ class ReplicaRunner:
     def __init__(self, cfg: ModelConfig, replica, devices: list, params: dict, requests: list[int],
                  prompts: list[list[int]], max_new_tokens: int, sampling: Sampling, *, dtype: str,
                  page_size: int, num_pages: int | None, attention_impl: str,
-                 micro_batches: int | None = None, keep_logits: bool = False, max_pages: int | None = None):
+                 micro_batches: int | None = None, keep_logits: bool = False,
+                 max_pages: list[int] | None = None):
         from hexjax.models.llama import stage_params
         self.cfg, self.sampling, self.keep_logits = cfg, sampling, keep_logits
         self.requests, self.prompts = requests, prompts
         self.max_new_tokens = max_new_tokens
         stages = list(replica.stages)
-        self.layout = lay = plan_layout(len(requests), [len(p) for p in prompts], max_new_tokens,
-                                        len(stages), [s.dp for s in stages], page_size, micro_batches)
-        # rows of each microbatch: request position in this replica, or None for padding
-        self.rows = [[i if i < len(requests) else None for i in range(m * lay.micro_batch, (m + 1) * lay.micro_batch)]
-                     for m in range(lay.num_micro)]
-        # pages are split into one range per data-parallel group (lcm over the stages' dp):
-        # row i of a microbatch belongs to range i // (rows per range)
-        self.num_shards = math.lcm(*(s.dp for s in stages))
-        self.rows_per_shard = lay.micro_batch // self.num_shards
-        need = shard_pages([len(p) for p in prompts], max_new_tokens, lay, self.num_shards, page_size)
-        if num_pages is None:
-            # a power of two keeps the cache shape (and so the compiled code) stable across similar runs
-            per_shard = 1 << (max(need) - 1).bit_length()
-            if max_pages is not None:
-                # the memory budget caps the pool; a shortfall is reported by the allocator below
-                per_shard = max(2, min(per_shard, max_pages // self.num_shards))
-            if max(need) > per_shard:
-                raise PagesExhaustedError(
-                    f"KV cache too small for the requests: a data-parallel range needs {max(need) - 1} pages of "
-                    f"{page_size} tokens but the devices' memory budget holds {per_shard - 1} beside the weights; "
-                    "serve fewer or shorter sequences per replica, or use a plan with more memory per stage")
-            pages = self.num_shards * per_shard
-        else:
-            pages = num_pages
-        self.allocator = PageAllocator(pages, page_size, self.num_shards)
-        shape = StageShape(lay.micro_batch, lay.prompt_len, pages, page_size, lay.table_width)
+        self.dps = [s.dp for s in stages]
+        lengths = [len(p) for p in prompts]
+        self.layout = lay = plan_layout(len(requests), lengths, max_new_tokens, len(stages), self.dps,
+                                        page_size, micro_batches)
+        self.rows = assign_rows(len(requests), lay, self.dps)
+        # every stage has its own page pool, cut into one range per data-parallel group, and its own
+        # allocator: a sequence takes pages in the range of the group that serves it at that stage
+        self.allocators: list[PageAllocator] = []
         self.programs: list[StagePrograms] = []
         self.params, self.caches = [], []
         # the name does not change the program; dropping it lets equal models share compiled code
         anon = dataclasses.replace(cfg, name="")
         for si, st in enumerate(stages):
             start, stop = st.layers
+            if num_pages is None:
+                need = group_pages(self.rows, lengths, max_new_tokens, st.dp, page_size)
+                try:
+                    pages = pool_pages(need, st.dp, page_size, max_pages[si] if max_pages else None)
+                except PagesExhaustedError as e:
+                    raise PagesExhaustedError(f"stage {si} (layers {start}-{stop - 1}): {e}") from None
+            else:
+                pages = num_pages
+            self.allocators.append(PageAllocator(pages, page_size, st.dp))
             kind = StageKind(anon, start, stop - start, embed=si == 0, head=si == len(stages) - 1,
                              dp=st.dp, tp=st.tp, dtype=dtype, attention_impl=attention_impl)
+            shape = StageShape(lay.micro_batch, lay.prompt_len, pages, page_size, lay.table_width)
             prog = stage_programs(kind, shape, tuple(devices[i] for i in st.devices))
             for phase in ("prefill", "decode") if max_new_tokens > 1 else ("prefill",):
                 prog.compiled(phase)   # compile now, not inside the timed run
@@ -140,16 +177,21 @@ class ReplicaRunner:
         self.tokens = [[] for _ in range(lay.num_micro)]   # per microbatch: [mb] arrays per step
         self.logits = [[] for _ in range(lay.num_micro)]
         self._last = [None] * lay.num_micro                # last sampled tokens, on stage 0's mesh
-        self._tables = [None] * lay.num_micro              # block tables as numpy, per microbatch
 
     # ---- host-side bookkeeping ----
 
-    def _grow(self, m: int, num_tokens) -> np.ndarray:
-        """Give every sequence of microbatch ``m`` room for its ``num_tokens``; return its block table."""
-        rows = self.rows[m]
-        shards = [i // self.rows_per_shard for i in range(len(rows))]
-        self.allocator.reserve({r: (int(num_tokens[i]), shards[i]) for i, r in enumerate(rows) if r is not None})
-        return self.allocator.block_table(rows, self.layout.table_width, shards)
+    def _grow(self, m: int, num_tokens) -> list[np.ndarray]:
+        """Give every sequence of microbatch ``m`` room for its ``num_tokens`` at every stage;
+        return each stage's block table."""
+        rows, tables = self.rows[m], []
+        for si, (alloc, dp) in enumerate(zip(self.allocators, self.dps)):
+            groups = [i // (len(rows) // dp) for i in range(len(rows))]
+            try:
+                alloc.reserve({r: (int(num_tokens[i]), groups[i]) for i, r in enumerate(rows) if r is not None})
+            except PagesExhaustedError as e:
+                raise PagesExhaustedError(f"stage {si}: {e}") from None
+            tables.append(alloc.block_table(rows, self.layout.table_width, groups))
+        return tables
 
     def _lengths(self, m: int) -> np.ndarray:
         return np.array([len(self.prompts[r]) if r is not None else 1 for r in self.rows[m]], np.int32)
@@ -159,11 +201,10 @@ class ReplicaRunner:
 
     # ---- issuing work ----
 
-    def _through_stages(self, m: int, x, step_fn_args):
+    def _through_stages(self, m: int, x, phase: str, args: tuple, tables: list[np.ndarray]):
         for si, prog in enumerate(self.programs):
             x = jax.device_put(x, prog.input_sharding)
-            fn = prog.compiled(step_fn_args[0])
-            x, self.caches[si] = fn(self.params[si], self.caches[si], x, *step_fn_args[1:])
+            x, self.caches[si] = prog.compiled(phase)(self.params[si], self.caches[si], x, *args, tables[si])
         return x
 
     def _finish(self, m: int, logits, step: int):
@@ -180,28 +221,26 @@ class ReplicaRunner:
         for i, r in enumerate(self.rows[m]):
             if r is not None:
                 ids[i, :len(self.prompts[r])] = self.prompts[r]
-        table = self._grow(m, lengths)
-        self._tables[m] = table
+        tables = self._grow(m, lengths)
         positions = np.broadcast_to(np.arange(lay.prompt_len, dtype=np.int32), ids.shape)
-        logits = self._through_stages(m, ids, ("prefill", positions, lengths - 1, table))
+        logits = self._through_stages(m, ids, "prefill", (positions, lengths - 1), tables)
         self._finish(m, logits, 0)
 
     def decode(self, m: int, step: int) -> None:
         """Generate token ``step`` (>= 1) of microbatch ``m``."""
         lengths = self._lengths(m)
         positions = lengths + (step - 1)   # position of the token being fed
-        table = self._grow(m, positions + 1)
-        self._tables[m] = table
-        x = self._last[m]
-        logits = self._through_stages(m, x, ("decode", positions, table))
+        tables = self._grow(m, positions + 1)
+        logits = self._through_stages(m, self._last[m], "decode", (positions,), tables)
         self._finish(m, logits, step)
 
     def release(self) -> None:
         """Return every sequence's pages."""
-        for rows in self.rows:
-            for r in rows:
-                if r is not None and self.allocator.tokens(r):
-                    self.allocator.free(r)
+        for alloc in self.allocators:
+            for rows in self.rows:
+                for r in rows:
+                    if r is not None and alloc.tokens(r):
+                        alloc.free(r)
 
     # ---- results ----
 

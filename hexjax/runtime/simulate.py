@@ -46,12 +46,23 @@ def shrink_memory(cluster, factor: float):
     return Cluster.from_dict(d, source=f"{cluster.source}, memory x{factor:.3g}")
 
 
-def miniature(cluster, cfg: ModelConfig, *, dtype_bytes: int = 2, weights_per_largest_device: float = 1.5):
-    """``cluster`` with memory shrunk so that ``cfg``'s weights need ``weights_per_largest_device``
-    of its largest devices: plans for a small model then look like plans for a large one."""
-    largest = max(h.device.memory_bytes for h in cluster.hosts)
-    factor = cfg.num_params * dtype_bytes / (weights_per_largest_device * largest)
-    return shrink_memory(cluster, factor)
+def miniature(cluster, cfg: ModelConfig, workload=None, *, dtype_bytes: int = 2,
+              per_largest_device: float = 1.5):
+    """``cluster`` with memory shrunk so that ``cfg`` needs ``per_largest_device`` of its largest
+    devices: plans for a small model then look like plans for a large one.
+
+    The need is the weights, plus, for a ``workload``, what the cost model adds for serving it
+    on one device (KV cache and activation workspace, which weigh much more beside a tiny
+    model's weights than beside a large one's).
+    """
+    largest = max((h.device for h in cluster.hosts), key=lambda d: d.memory_bytes)
+    need = cfg.num_params * dtype_bytes
+    if workload is not None:
+        from hexjax.search import cost
+        c = cost.stage_cost(cfg, largest, 1e11, 0.0, cfg.num_layers, 1, 1, True, True, 1, workload.batch,
+                            workload, dtype_bytes)
+        need = c.memory_bytes
+    return shrink_memory(cluster, need / (per_largest_device * largest.memory_bytes))
 
 
 @dataclasses.dataclass
@@ -102,8 +113,8 @@ def plan_and_run(model: str = "small", *, cluster=None, objective: str = "throug
 
     cfg = ModelConfig.preset(model)
     base = cluster or example_cluster()
-    target = miniature(base, cfg) if shrink else base
     workload = Workload(prompt_len=prompt_len, output_len=max_new_tokens, batch=batch)
+    target = miniature(base, cfg, workload) if shrink else base
     plan = search.plan(cfg, target, workload, objective=objective)
     prediction = search.evaluate(plan, cfg, target, workload)
     lm = LlamaModel.random(cfg, seed=seed)

@@ -3,8 +3,10 @@
     python benchmarks/kernels_gpu.py [--repeats 10] [--tune] [--only compile,check,flash,paged]
 
 Without a GPU it prints why it skips and exits 0. On a GPU it
-1. lowers and compiles every kernel for the GPU backend ahead of time (Triton to PTX),
-2. checks the kernels against their jnp references on the GPU (exit 1 on a mismatch),
+1. lowers and compiles every kernel for the GPU backend ahead of time (Triton to PTX), with
+   the tuning defaults of this GPU's generation (hexjax.kernels.tuning) and the generic ones,
+2. checks the kernels against their jnp references on the GPU (exit 1 on a mismatch); float32
+   must match to 1e-4 under the default matmul precision (no TF32 anywhere),
 3. times flash attention (bf16, B=4, S=T=4096, Hq=32, Hkv=8, D=128, causal and not),
    forward and forward+backward, in TFLOP/s beside jax.nn.dot_product_attention with
    implementation="cudnn" and "xla"; goal: forward >= 0.9x cuDNN,
@@ -12,6 +14,7 @@ Without a GPU it prints why it skips and exits 0. On a GPU it
    read per second against the card's measured device-to-device copy bandwidth;
    goal: >= 70% of it at batch >= 8.
 Timings: jit, warm-up, then the median of --repeats runs, each ended by block_until_ready.
+The unit tests run natively on a GPU too: JAX_PLATFORMS=cuda python -m pytest -q tests/test_kernels_*.py
 """
 
 from __future__ import annotations
@@ -49,19 +52,27 @@ def compile_checks() -> bool:
 
     from hexjax.kernels import flash_attention, paged_attention
     from hexjax.kernels.kv_cache import write_kv
+    from hexjax.kernels.tuning import FlashBlockSizes
 
     sds = jax.ShapeDtypeStruct
     bf = jnp.bfloat16
 
-    def grads(q, k, v):
-        loss = lambda q, k, v: jnp.sum(flash_attention(q, k, v).astype(jnp.float32))
+    def grads(q, k, v, block_sizes=None):
+        loss = lambda q, k, v: jnp.sum(flash_attention(q, k, v, block_sizes=block_sizes)
+                                       .astype(jnp.float32))
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
     cases = []
-    for dim, dtype in ((64, jnp.float32), (80, jnp.float16), (96, bf), (128, bf), (256, bf)):
+    dims = ((64, jnp.float32), (128, jnp.float32), (80, jnp.float16), (96, bf), (128, bf), (256, bf))
+    for dim, dtype in dims:
         q, kv = sds((2, 1000, 8, dim), dtype), sds((2, 1030, 2, dim), dtype)
-        cases.append((f"flash fwd D={dim} {jnp.dtype(dtype).name}", flash_attention, (q, kv, kv)))
-        cases.append((f"flash fwd+bwd D={dim} {jnp.dtype(dtype).name}", grads, (q, kv, kv)))
+        name = f"D={dim} {jnp.dtype(dtype).name}"
+        cases.append((f"flash fwd {name}", flash_attention, (q, kv, kv)))
+        cases.append((f"flash fwd+bwd {name}", grads, (q, kv, kv)))
+        generic = FlashBlockSizes.default(None, dim)
+        if generic != FlashBlockSizes.default(jax.devices()[0].device_kind, dim):
+            cases.append((f"flash fwd+bwd {name} generic tiles",
+                          lambda q, k, v, b=generic: grads(q, k, v, b), (q, kv, kv)))
     for dim, page_size, group in ((128, 16, 4), (128, 8, 8), (128, 32, 1), (80, 16, 4), (256, 16, 2)):
         pages = sds((8, 2000, page_size, dim), bf)
         args = (sds((4, 8 * group, dim), bf), pages, pages, sds((4, 128), jnp.int32),
@@ -91,6 +102,7 @@ def correctness_checks() -> bool:
     from hexjax.kernels import (flash_attention, flash_attention_reference, paged_attention,
                                 paged_attention_reference, write_kv_reference)
     from hexjax.kernels.kv_cache import write_kv
+    from hexjax.kernels.tuning import PagedBlockSizes
 
     ok = True
 
@@ -103,7 +115,8 @@ def correctness_checks() -> bool:
         print(f"  {'OK  ' if good else 'FAIL'}  {name:48s} max|err| {err:.3g} (scale {scale:.3g})")
 
     key = jax.random.PRNGKey(0)
-    for dim, dtype, tol in ((128, jnp.bfloat16, 2e-2), (80, jnp.float16, 1e-2), (64, jnp.float32, 1e-4)):
+    for dim, dtype, tol in ((128, jnp.bfloat16, 2e-2), (80, jnp.float16, 1e-2), (64, jnp.float32, 1e-4),
+                            (128, jnp.float32, 1e-4)):
         kq, kk, kv = jax.random.split(jax.random.fold_in(key, dim), 3)
         q = jax.random.normal(kq, (2, 777, 8, dim), jnp.float32).astype(dtype)
         k = jax.random.normal(kk, (2, 900, 2, dim), jnp.float32).astype(dtype)
@@ -132,13 +145,18 @@ def correctness_checks() -> bool:
     want = paged_attention_reference(q, k_pages, v_pages, tables, lengths)
     for splits in (1, 4, None):
         report(f"paged num_splits={splits}",
-               paged_attention(q, k_pages, v_pages, tables, lengths, num_splits=splits), want, 2e-2)
+               paged_attention(q, k_pages, v_pages, tables, lengths,
+                               block_sizes=PagedBlockSizes(num_splits=splits)), want, 2e-2)
+    f32 = [x.astype(jnp.float32) for x in (q, k_pages, v_pages)]
+    report("paged float32", paged_attention(f32[0], f32[1], f32[2], tables, lengths),
+           paged_attention_reference(f32[0], f32[1], f32[2], tables, lengths), 1e-4)
     new = jnp.asarray(rng.normal(size=(batch, 40, kv_heads, dim)), jnp.bfloat16)
     positions = jnp.array([0, 3, 100, 990, 1000], jnp.int32)
-    got = write_kv(k_pages, v_pages, new, -new, tables, positions)
     want = write_kv_reference(k_pages, v_pages, new, -new, tables, positions)
-    report("write_kv k", got[0], want[0], 0.0)
-    report("write_kv v", got[1], want[1], 0.0)
+    # The serving loop's form: pages donated, written in place.
+    got = jax.jit(write_kv, donate_argnums=(0, 1))(k_pages, v_pages, new, -new, tables, positions)
+    report("write_kv k (donated)", got[0], want[0], 0.0)
+    report("write_kv v (donated)", got[1], want[1], 0.0)
     return ok
 
 
@@ -148,6 +166,7 @@ def flash_benchmark(repeats: int, tune: bool, batch: int = 4, seq: int = 4096, h
     import jax.numpy as jnp
 
     from hexjax.kernels import flash_attention
+    from hexjax.kernels.tuning import FlashBlockSizes
 
     keys = jax.random.split(jax.random.PRNGKey(1), 3)
     q = jax.random.normal(keys[0], (batch, seq, heads, dim), jnp.bfloat16)
@@ -195,9 +214,10 @@ def flash_benchmark(repeats: int, tune: bool, batch: int = 4, seq: int = 4096, h
             for block_k in (32, 64, 128):
                 for warps in (4, 8):
                     for stages in (2, 3):
-                        fn = jax.jit(lambda q, k, v, bq=block_q, bk=block_k, w=warps, s=stages:
-                                     flash_attention(q, k, v, causal=False, block_q=bq, block_k=bk,
-                                                     num_warps=w, num_stages=s))
+                        blocks = FlashBlockSizes(block_q=block_q, block_k=block_k,
+                                                 num_warps=warps, num_stages=stages)
+                        fn = jax.jit(lambda q, k, v, b=blocks:
+                                     flash_attention(q, k, v, causal=False, block_sizes=b))
                         try:
                             t = median_time_s(fn, q, k, v, repeats=max(3, repeats // 2))
                             print(f"    block_q={block_q:3d} block_k={block_k:3d} warps={warps} "
@@ -264,7 +284,9 @@ def main(argv=None) -> int:
         print(f"SKIP: no GPU visible to JAX (default backend: {jax.default_backend()}); "
               "run this on a machine with a CUDA GPU and jax[cuda12] or jax[cuda13].")
         return 0
-    print(f"device: {devices[0].device_kind} ({len(devices)} visible)")
+    from hexjax.kernels.tuning import gpu_generation
+    print(f"device: {devices[0].device_kind} ({len(devices)} visible), tuning generation "
+          f"{gpu_generation(devices[0].device_kind)!r}")
     sections = set(args.only.split(","))
     ok = True
     if "compile" in sections:

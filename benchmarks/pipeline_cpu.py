@@ -16,6 +16,7 @@ one device; the figure of merit is its overhead (goal: within 1.3x).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -59,8 +60,8 @@ def main() -> None:
     L = cfg.num_layers
     cuts = (0, round(L * 5 / 12), round(L * 9 / 12), L)
     uneven = Plan(cfg.name, "", (Replica((Stage((cuts[0], cuts[1]), (0, 1), tp=2), Stage((cuts[1], cuts[2]), (2,)),
-                                          Stage((cuts[2], cuts[3]), (3, 4), tp=2))),))
-    one = Plan.single_device(cfg.name, L)
+                                          Stage((cuts[2], cuts[3]), (3, 4), tp=2))),), dtype_bytes=4)
+    one = dataclasses.replace(Plan.single_device(cfg.name, L), dtype_bytes=4)   # float32, as the baselines
     print(f"{cfg.name}: {lm.num_params / 1e6:.0f}M parameters, batch {args.batch}, prompt {args.prompt_len}, "
           f"{n} new tokens; {len(jax.devices())} {jax.devices()[0].platform} devices, {os.cpu_count()} cores")
 

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     from hexjax.cluster import Cluster
     from hexjax.models import ModelConfig
     from hexjax.plan import Plan
-    from hexjax.runtime.hlo import dump_hlo, plan_dtype, verify_plan
+    from hexjax.runtime import dump_hlo, plan_dtype, verify_plan
     from hexjax.workload import Workload
 
     cfg = ModelConfig.load(args.model)

@@ -23,8 +23,12 @@ _EXPORTS = {
     "Replica": "hexjax.plan",
     "Stage": "hexjax.plan",
     "load_hf": "hexjax.models.hf",
+    "LlamaModel": "hexjax.models.hf",
     "Sampling": "hexjax.models.sampling",
     "generate": "hexjax.runtime",
+    "run_plan": "hexjax.runtime",
+    "RunOptions": "hexjax.runtime",
+    "use_virtual_cpu_devices": "hexjax.runtime.devices",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -27,6 +27,16 @@ PLAN_VERSION = 1
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "float8": 1}
 
 
+def format_layers(start: int, stop: int) -> str:
+    """Layers ``[start, stop)`` as every human-facing output writes them: inclusive, ``0-44``."""
+    return f"{start}-{stop - 1}"
+
+
+def format_mesh(dp: int, tp: int) -> str:
+    """A stage's ``(dp, tp)`` mesh as every human-facing output writes it: ``dp2 x tp4``."""
+    return f"dp{dp} x tp{tp}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """Consecutive layers on one ``(dp, tp)`` mesh of one host's devices."""
@@ -100,11 +110,6 @@ class Plan:
     def single_device(model: str, num_layers: int, device: int = 0) -> "Plan":
         """Every layer on one device."""
         return Plan(model, "", (Replica((Stage((0, num_layers), (device,)),)),))
-
-    @staticmethod
-    def pipeline(model: str, splits: list[tuple[int, int, list[int], int, int]]) -> "Plan":
-        """One replica from ``(start, stop, devices, dp, tp)`` tuples."""
-        return Plan(model, "", (Replica(tuple(Stage((a, b), tuple(d), dp, tp) for a, b, d, dp, tp in splits)),))
 
     @property
     def devices(self) -> tuple[int, ...]:
@@ -231,11 +236,93 @@ class Plan:
 
     # ---- validation ----
 
+    def model_mismatch(self, model_cfg) -> str | None:
+        """Why the plan was not made for ``model_cfg`` (None when it may have been).
+
+        Two presets must have the same name; a preset and a checkpoint the same
+        shape; otherwise the plan's stages must end at the model's layer count.
+        """
+        from hexjax.models.config import PRESETS
+        cfg = model_cfg
+        made = PRESETS.get(self.model.lower())
+        given = PRESETS.get(cfg.name) if PRESETS.get(cfg.name) == cfg else None
+        if made is not None and given is not None:
+            if made.name != given.name:
+                return (f"was made for {made.name} ({made.num_layers} layers), not for {cfg.name} "
+                        f"({cfg.num_layers} layers)")
+            return None
+        if made is not None:
+            if _shape(made) != _shape(cfg):
+                return (f"was made for {made.name} ({_describe(made)}), but {cfg.name} is a different model "
+                        f"({_describe(cfg)})")
+            return None
+        ends = sorted({r.stages[-1].layers[1] for r in self.replicas if r.stages})
+        if ends and ends != [cfg.num_layers]:
+            return (f"was made for {self.model} (its stages end at layer {ends[-1]}), but {cfg.name} has "
+                    f"{cfg.num_layers} layers")
+        return None
+
+    def check_model(self, model_cfg, where: str = "the plan") -> None:
+        """Raise :class:`PlanError` when the plan was made for another model than ``model_cfg``."""
+        problem = self.model_mismatch(model_cfg)
+        if problem:
+            raise PlanError(f"{where} {problem}; pass --model {self.model}, or make a plan for "
+                            f"{model_cfg.name} with `hexjax plan --model {model_cfg.name} ...`")
+
+    def layout_problems(self, model_cfg, num_devices: int | None = None) -> list[str]:
+        """Rules the plan's shape breaks for ``model_cfg``, with no cluster needed (empty when none).
+
+        Every replica covers every layer once, in order; each stage's mesh has
+        ``dp * tp`` devices, its ``tp`` splits the model, and no device serves
+        twice; with ``num_devices``, every device index exists.
+        """
+        cfg = model_cfg
+        out: list[str] = []
+        if not self.replicas:
+            out.append("the plan has no replicas")
+        used: dict[int, str] = {}
+        for i, rep in enumerate(self.replicas):
+            if not rep.stages:
+                out.append(f"replica {i}: has no stages")
+                continue
+            nxt = 0
+            for j, st in enumerate(rep.stages):
+                at = f"replica {i} stage {j}"
+                a, b = st.layers
+                if b <= a:
+                    out.append(f"{at}: its layer range (start {a}, stop {b}) is empty; a stage holds at least one layer")
+                elif a != nxt:
+                    out.append(f"{at}: layers {format_layers(a, b)} should start at layer {nxt} "
+                               f"(each replica covers every layer once, in order)")
+                nxt = max(b, nxt)
+                if st.dp < 1 or st.tp < 1:
+                    out.append(f"{at}: dp={st.dp} and tp={st.tp} must be positive")
+                elif len(st.devices) != st.dp * st.tp:
+                    out.append(f"{at}: has {len(st.devices)} devices but a {format_mesh(st.dp, st.tp)} mesh needs "
+                               f"{st.dp * st.tp}")
+                if num_devices is not None:
+                    bad = [d for d in st.devices if not 0 <= d < num_devices]
+                    if bad:
+                        out.append(f"{at}: device(s) {bad} do not exist; the cluster has devices "
+                                   f"0..{num_devices - 1}")
+                for d in st.devices:
+                    if d in used:
+                        out.append(f"{at}: device {d} is also used by {used[d]}; no device may be used twice")
+                    else:
+                        used[d] = at
+                out += [f"{at}: {p}" for p in tp_problems(cfg, st.tp)]
+            if rep.stages[-1].layers[1] != cfg.num_layers:
+                out.append(f"replica {i}: stages end at layer {rep.stages[-1].layers[1]} but {cfg.name} has "
+                           f"{cfg.num_layers} layers; the last stage must stop at {cfg.num_layers}")
+        return out
+
     def violations(self, model_cfg, cluster, workload: Workload | None = None) -> list[str]:
         """Every rule the plan breaks for ``model_cfg`` on ``cluster`` (empty when valid).
 
-        Memory is checked with ``workload``, else the plan's own workload,
-        else one request of one prompt token and one output token.
+        The layout rules (``layout_problems``), then the cluster's: its
+        fingerprint, a stage's devices on one host, and memory, checked with
+        ``workload``, else the plan's own workload, else one request of one
+        prompt token and one output token.
         """
         from hexjax.search import cost
 
@@ -245,62 +332,20 @@ class Plan:
         if self.cluster_fingerprint and self.cluster_fingerprint != fp:
             out.append(f"the plan was made for cluster {self.cluster_fingerprint}, but this cluster's fingerprint "
                        f"is {fp}; re-plan for it (or clear cluster_fingerprint if the device numbering still holds)")
-        if not self.replicas:
-            out.append("the plan has no replicas")
-        used: dict[int, str] = {}
-        layout_ok = True
+        layout = self.layout_problems(cfg, cluster.num_devices)
+        out += layout
         for i, rep in enumerate(self.replicas):
-            if not rep.stages:
-                out.append(f"replica {i}: has no stages")
-                layout_ok = False
-                continue
-            nxt = 0
             for j, st in enumerate(rep.stages):
                 at = f"replica {i} stage {j}"
-                a, b = st.layers
-                if a != nxt:
-                    out.append(f"{at}: layers [{a}, {b}) should start at layer {nxt} "
-                               f"(each replica covers every layer once, in order)")
-                    layout_ok = False
-                if b <= a:
-                    out.append(f"{at}: layers [{a}, {b}) is empty; a stage holds at least one layer")
-                    layout_ok = False
-                nxt = max(b, nxt)
-                if st.dp < 1 or st.tp < 1:
-                    out.append(f"{at}: dp={st.dp} and tp={st.tp} must be positive")
-                    layout_ok = False
-                elif len(st.devices) != st.dp * st.tp:
-                    out.append(f"{at}: has {len(st.devices)} devices but a dp={st.dp} x tp={st.tp} mesh needs "
-                               f"{st.dp * st.tp}")
-                    layout_ok = False
-                bad = [d for d in st.devices if not 0 <= d < cluster.num_devices]
-                if bad:
-                    out.append(f"{at}: device(s) {bad} do not exist; {cluster.name} has devices "
-                               f"0..{cluster.num_devices - 1}")
-                    layout_ok = False
-                for d in st.devices:
-                    if d in used:
-                        out.append(f"{at}: device {d} is also used by {used[d]}; no device may be used twice")
-                        layout_ok = False
-                    elif 0 <= d < cluster.num_devices:
-                        used[d] = at
-                good = [d for d in st.devices if 0 <= d < cluster.num_devices]
-                hosts = sorted({cluster.host_of(d) for d in good})
+                hosts = sorted({cluster.host_of(d) for d in st.devices if 0 <= d < cluster.num_devices})
                 if len(hosts) > 1:
                     names = ", ".join(cluster.hosts[h].name for h in hosts)
                     out.append(f"{at}: devices {list(st.devices)} span hosts {names}; a stage's devices must be "
                                "on one host (split it into one stage per host)")
-                    layout_ok = False
+                    layout.append(at)
                 elif hosts and st.host and st.host != cluster.hosts[hosts[0]].name:
                     out.append(f"{at}: says host {st.host!r} but its devices are on {cluster.hosts[hosts[0]].name!r}")
-                out += [f"{at}: {p}" for p in tp_problems(cfg, st.tp)]
-                if st.tp >= 1 and tp_problems(cfg, st.tp):
-                    layout_ok = False
-            if nxt != cfg.num_layers or (rep.stages and rep.stages[-1].layers[1] != cfg.num_layers):
-                out.append(f"replica {i}: stages end at layer {rep.stages[-1].layers[1]} but {cfg.name} has "
-                           f"{cfg.num_layers} layers; the last stage must stop at {cfg.num_layers}")
-                layout_ok = False
-        if layout_ok and self.replicas:
+        if not layout:
             wl = workload or self.workload or Workload(1, 1, 1)
             pred = cost.predict(self, cfg, cluster, wl)
             for i, (rep, rp) in enumerate(zip(self.replicas, pred.replicas)):
@@ -341,6 +386,16 @@ def tp_problems(cfg, tp: int) -> list[str]:
 
 def valid_tp(cfg, tp: int) -> bool:
     return tp >= 1 and not tp_problems(cfg, tp)
+
+
+def _shape(cfg) -> tuple:
+    return (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+            cfg.head_dim, cfg.vocab_size)
+
+
+def _describe(cfg) -> str:
+    return (f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads, "
+            f"{cfg.num_kv_heads} KV heads, vocabulary {cfg.vocab_size}")
 
 
 def _gib(n: float) -> str:

@@ -17,21 +17,36 @@ Each has a ``*_reference`` in plain jnp (what runs on CPU). The dispatchers
 ``attention``, ``decode_attention`` and ``write_kv`` (in ``dispatch``; the
 top-level ``write_kv`` is the dispatcher) take ``impl="auto" | "pallas" | "xla"``:
 auto runs Pallas on GPU and the reference elsewhere; "pallas" off-GPU runs the
-kernels in interpret mode. Bad shapes or dtypes raise ValueError before tracing.
+kernels in interpret mode. ``stage_kernels`` is the one place that picks the
+kernels of a pipeline stage from its mesh's platform. Tile sizes, warps and
+pipeline stages come in ``FlashBlockSizes`` / ``PagedBlockSizes`` /
+``WriteBlockSizes`` (``block_sizes=``), with a default per GPU generation.
+float32 inputs get float32 dots (no TF32). Bad shapes or dtypes raise
+ValueError before tracing.
 """
 
-from hexjax.kernels.dispatch import attention, decode_attention, write_kv
-from hexjax.kernels.flash_attention import flash_attention, flash_attention_reference
-from hexjax.kernels.kv_cache import write_kv_reference
-from hexjax.kernels.paged_attention import paged_attention, paged_attention_reference
+if __name__ != "hexjax.kernels":   # reached as top-level `kernels`: see hexjax/_toplevel.py
+    from hexjax._toplevel import step_aside
+    step_aside(__name__, __path__[0])
+else:
+    from hexjax.kernels.dispatch import attention, decode_attention, stage_kernels, write_kv
+    from hexjax.kernels.flash_attention import flash_attention, flash_attention_reference
+    from hexjax.kernels.kv_cache import write_kv_reference
+    from hexjax.kernels.paged_attention import paged_attention, paged_attention_reference
+    from hexjax.kernels.tuning import FlashBlockSizes, PagedBlockSizes, WriteBlockSizes, gpu_generation
 
-__all__ = [
-    "attention",
-    "decode_attention",
-    "flash_attention",
-    "flash_attention_reference",
-    "paged_attention",
-    "paged_attention_reference",
-    "write_kv",
-    "write_kv_reference",
-]
+    __all__ = [
+        "FlashBlockSizes",
+        "PagedBlockSizes",
+        "WriteBlockSizes",
+        "attention",
+        "decode_attention",
+        "flash_attention",
+        "flash_attention_reference",
+        "paged_attention",
+        "paged_attention_reference",
+        "gpu_generation",
+        "stage_kernels",
+        "write_kv",
+        "write_kv_reference",
+    ]

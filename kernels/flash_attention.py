@@ -7,6 +7,17 @@ prefill chunk attends to a longer cache). Optional ``kv_lengths[B]`` int32 masks
 keys at index >= kv_lengths[b] (right-padded ragged batches). A query row that sees
 no key at all (kv_lengths 0, or S > T with causal) gives zeros and zero gradients.
 
+Tuning: tile sizes and Triton settings come in one ``FlashBlockSizes`` (see
+``hexjax.kernels.tuning``); fields left at None take the defaults of the GPU
+generation the call runs on and of the head dim.
+
+Precision: softmax statistics and accumulators are fp32 for every input dtype. For
+float32 inputs every in-kernel dot asks for full fp32 products
+(``precision=HIGHEST``, IEEE in Triton): without it Triton multiplies fp32 tiles in
+TF32 on Ampere and later (about 1e-3 relative error). bfloat16/float16 inputs use the
+tensor cores at their own precision with fp32 accumulation. The reference does the
+same (HIGHEST for float32 inputs), so neither depends on ``jax_default_matmul_precision``.
+
 Lowering: Pallas' Triton backend, selected explicitly by passing
 ``jax.experimental.pallas.triton.CompilerParams(num_warps, num_stages)``. Triton
 runs on every CUDA GPU from Ampere on (A4000/A5000/A6000 as well as H100) and on
@@ -40,6 +51,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from hexjax.kernels import shapes
+from hexjax.kernels.tuning import FlashBlockSizes, current_device_kind
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 """Finite stand-in for -inf: keeps max/exp free of inf - inf."""
@@ -54,7 +66,11 @@ def padded_head_dim(head_dim: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class FlashConfig:
-    """Static configuration of one flash attention call (hashable for custom_vjp)."""
+    """Static configuration of one flash attention call (hashable for custom_vjp and jit).
+
+    Built by ``_resolve_config`` from a ``FlashBlockSizes`` with the tiles capped at the
+    call's sequence lengths.
+    """
 
     causal: bool
     """Bottom-right aligned causal mask."""
@@ -90,10 +106,20 @@ def _compiler_params(cfg: FlashConfig, backward: bool):
     return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _dot(a, b, *, trans_b=False):
-    # fp32 inputs ask for full fp32 products (no TF32): fp32 is the accuracy path.
-    exact = a.dtype == jnp.float32
-    return plgpu.dot(a, b, trans_b=trans_b, allow_tf32=False if exact else None)
+def dot_precision(dtype):
+    """Precision the kernels give their dots for inputs of ``dtype``: HIGHEST for float32.
+
+    The Pallas Triton lowering turns ``Precision.HIGHEST`` into ``inputPrecision = ieee``
+    and DEFAULT/HIGH (also what an unset precision becomes) into ``tf32``, so float32
+    tiles must ask explicitly. 16-bit inputs keep the default (their own precision,
+    fp32 accumulation).
+    """
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def kernel_dot(a, b, *, trans_b=False):
+    """a @ b (or a @ b.T) inside a kernel, fp32 result; full fp32 products for float32 tiles."""
+    return plgpu.dot(a, b, trans_b=trans_b, precision=dot_precision(a.dtype))
 
 
 def _fwd_key_range(q_start, block_q, block_k, kv_len, offset, causal):
@@ -134,7 +160,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, kv_len_ref, o_ref, lse_ref, *, cfg: FlashCo
         k_start = pl.multiple_of(j * block_k, block_k)
         k = k_ref[pl.ds(k_start, block_k), :]
         v = v_ref[pl.ds(k_start, block_k), :]
-        s = _dot(q, k, trans_b=True) * scale2
+        s = kernel_dot(q, k, trans_b=True) * scale2
         if masked:
             ok = _visible(q_start, k_start, block_q, block_k, kv_len, offset, cfg.causal)
             s = jnp.where(ok, s, MASK_VALUE)
@@ -144,7 +170,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, kv_len_ref, o_ref, lse_ref, *, cfg: FlashCo
         if masked:
             p = jnp.where(ok, p, 0.0)
         l_new = alpha * l + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + kernel_dot(p.astype(v.dtype), v)
         return acc, m_new, l_new
 
     n_full, n_end = _fwd_key_range(q_start, block_q, block_k, kv_len, offset, cfg.causal)
@@ -174,13 +200,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kv_len_ref, dq_r
         k_start = pl.multiple_of(j * block_k, block_k)
         k = k_ref[pl.ds(k_start, block_k), :]
         v = v_ref[pl.ds(k_start, block_k), :]
-        p = jnp.exp2(_dot(q, k, trans_b=True) * scale2 - lse[:, None])
+        p = jnp.exp2(kernel_dot(q, k, trans_b=True) * scale2 - lse[:, None])
         if masked:
             ok = _visible(q_start, k_start, block_q, block_k, kv_len, offset, cfg.causal)
             p = jnp.where(ok, p, 0.0)
-        dp = _dot(do, v, trans_b=True)
+        dp = kernel_dot(do, v, trans_b=True)
         ds = p * (dp - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k)
+        return dq + kernel_dot(ds.astype(k.dtype), k)
 
     n_full, n_end = _fwd_key_range(q_start, block_q, block_k, kv_len, offset, cfg.causal)
     dq = jnp.zeros(q.shape, jnp.float32)
@@ -218,15 +244,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kv_len_ref, dk_
         lse = lse_ref[head, rows]
         delta = delta_ref[head, rows]
         # Transposed scores [block_k, block_q] so dk/dv accumulate without transposes.
-        p_t = jnp.exp2(_dot(k, q, trans_b=True) * scale2 - lse[None, :])
+        p_t = jnp.exp2(kernel_dot(k, q, trans_b=True) * scale2 - lse[None, :])
         if masked:
             ok = _visible(q_start, k_start, block_q, block_k, kv_len, offset, cfg.causal,
                           keys_first=True)
             p_t = jnp.where(ok, p_t, 0.0)
-        dv = dv + _dot(p_t.astype(do.dtype), do)
-        dp_t = _dot(v, do, trans_b=True)
+        dv = dv + kernel_dot(p_t.astype(do.dtype), do)
+        dp_t = kernel_dot(v, do, trans_b=True)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = dk + _dot(ds_t.astype(q.dtype), q)
+        dk = dk + kernel_dot(ds_t.astype(q.dtype), q)
         return dk, dv
 
     def per_head(head, carry):
@@ -272,7 +298,8 @@ def _backward(q, k, v, kv_len, o, lse, do, cfg: FlashConfig, offset: int):
     batch, seq_q, heads, dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    delta = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32))
+    # Row sums of o * do (elementwise, so no matmul precision is involved): [B,Hq,S].
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
     kv_len2 = kv_len[:, None]
 
     dq = pl.pallas_call(
@@ -369,23 +396,18 @@ def _flash_bwd(cfg: FlashConfig, residuals, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _resolve_config(q, k, *, causal, sm_scale, interpret, block_q, block_k, block_q_dkv,
-                    block_k_dkv, block_q_dq, block_k_dq, num_warps, num_stages,
-                    num_warps_bwd, num_stages_bwd) -> FlashConfig:
+def _resolve_config(q, k, *, causal, sm_scale, interpret,
+                    block_sizes: FlashBlockSizes | None) -> FlashConfig:
     seq_q, seq_k, dim = q.shape[1], k.shape[1], q.shape[3]
-    dim_p = padded_head_dim(dim)
-    big = dim_p > 128
-    defaults = dict(block_q=64 if big else 128, block_k=32 if big else 64,
-                    block_q_dkv=16 if big else 32, block_k_dkv=64 if big else 128,
-                    block_q_dq=64 if big else 128, block_k_dq=16 if big else 32)
-    given = dict(block_q=block_q, block_k=block_k, block_q_dkv=block_q_dkv,
-                 block_k_dkv=block_k_dkv, block_q_dq=block_q_dq, block_k_dq=block_k_dq)
-    blocks = {}
-    for name, value in given.items():
-        value = defaults[name] if value is None else value
-        if value < 16 or value & (value - 1):
-            raise ValueError(f"flash_attention: {name}={value} must be a power of two >= 16")
-        blocks[name] = value
+    if block_sizes is None:
+        block_sizes = FlashBlockSizes()
+    elif not isinstance(block_sizes, FlashBlockSizes):
+        raise TypeError(f"flash_attention: block_sizes must be a FlashBlockSizes or None; "
+                        f"got {type(block_sizes).__name__}")
+    # Interpret mode (CPU) gets the generic settings; on a GPU those of its generation.
+    device_kind = None if interpret else current_device_kind()
+    bs = block_sizes.resolve(device_kind, dim)
+    blocks = {name: getattr(bs, name) for name in FlashBlockSizes.TILE_FIELDS}
     # Short query sequences (decode, small chunks) need no more rows than they have.
     q_cap = max(16, pl.next_power_of_2(seq_q))
     for name in ("block_q", "block_q_dkv", "block_q_dq"):
@@ -396,24 +418,27 @@ def _resolve_config(q, k, *, causal, sm_scale, interpret, block_q, block_k, bloc
     return FlashConfig(
         causal=bool(causal),
         sm_scale=float(1.0 / math.sqrt(dim) if sm_scale is None else sm_scale),
-        num_warps=num_warps or (4 if dim_p <= 64 else 8),
-        num_stages=num_stages or (3 if dim_p <= 64 else 2),
-        num_warps_bwd=num_warps_bwd or (4 if dim_p <= 64 else 8),
-        num_stages_bwd=num_stages_bwd or 2,
+        num_warps=bs.num_warps,
+        num_stages=bs.num_stages,
+        num_warps_bwd=bs.num_warps_bwd,
+        num_stages_bwd=bs.num_stages_bwd,
         interpret=bool(interpret),
         **blocks,
     )
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "causal", "sm_scale", "interpret", "block_q", "block_k", "block_q_dkv", "block_k_dkv",
-    "block_q_dq", "block_k_dq", "num_warps", "num_stages", "num_warps_bwd", "num_stages_bwd"))
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _flash_jit(q, k, v, kv_lengths, cfg: FlashConfig):
+    seq_k = k.shape[1]
+    if kv_lengths is None:
+        kv_len = jnp.full((q.shape[0],), seq_k, jnp.int32)
+    else:
+        kv_len = jnp.clip(kv_lengths, 0, seq_k)
+    return _flash(q, k, v, kv_len, cfg)
+
+
 def flash_attention(q, k, v, kv_lengths=None, *, causal: bool = True, sm_scale: float | None = None,
-                    interpret: bool = False, block_q: int | None = None, block_k: int | None = None,
-                    block_q_dkv: int | None = None, block_k_dkv: int | None = None,
-                    block_q_dq: int | None = None, block_k_dq: int | None = None,
-                    num_warps: int | None = None, num_stages: int | None = None,
-                    num_warps_bwd: int | None = None, num_stages_bwd: int | None = None):
+                    interpret: bool = False, block_sizes: FlashBlockSizes | None = None):
     """Pallas flash attention, differentiable in q, k and v.
 
     Args:
@@ -423,27 +448,20 @@ def flash_attention(q, k, v, kv_lengths=None, *, causal: bool = True, sm_scale: 
       causal: query row i sees keys j <= i + (T - S).
       sm_scale: softmax scale, default 1/sqrt(D).
       interpret: run in Pallas interpret mode (CPU).
-      block_*: tile sizes (powers of two >= 16); None picks defaults by head dim.
-        block_q/block_k: forward; block_q_dq/block_k_dq: dq kernel;
-        block_q_dkv/block_k_dkv: dk/dv kernel.
-      num_warps, num_stages (forward), num_warps_bwd, num_stages_bwd: Triton settings.
+      block_sizes: tiles and Triton settings; None (or None fields) take
+        ``FlashBlockSizes.default`` for the GPU the call runs on and the head dim.
 
     Returns:
-      [B, S, Hq, D] in q's dtype.
+      [B, S, Hq, D] in q's dtype. float32 inputs are computed with full fp32 products.
+
+    Calls with the same shapes and resolved settings share one compiled program, whichever
+    way (directly, through ``dispatch``) they arrive.
     """
     shapes.check_attention(q, k, v, kv_lengths, where="flash_attention")
     shapes.check_head_dim("flash_attention", q.shape[3])
     cfg = _resolve_config(q, k, causal=causal, sm_scale=sm_scale, interpret=interpret,
-                          block_q=block_q, block_k=block_k, block_q_dkv=block_q_dkv,
-                          block_k_dkv=block_k_dkv, block_q_dq=block_q_dq, block_k_dq=block_k_dq,
-                          num_warps=num_warps, num_stages=num_stages,
-                          num_warps_bwd=num_warps_bwd, num_stages_bwd=num_stages_bwd)
-    seq_k = k.shape[1]
-    if kv_lengths is None:
-        kv_len = jnp.full((q.shape[0],), seq_k, jnp.int32)
-    else:
-        kv_len = jnp.clip(kv_lengths, 0, seq_k)
-    return _flash(q, k, v, kv_len, cfg)
+                          block_sizes=block_sizes)
+    return _flash_jit(q, k, v, kv_lengths, cfg)
 
 
 def attention_mask(seq_q: int, seq_k: int, causal: bool, kv_lengths=None):
@@ -462,16 +480,22 @@ def attention_mask(seq_q: int, seq_k: int, causal: bool, kv_lengths=None):
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale"))
 def flash_attention_reference(q, k, v, kv_lengths=None, *, causal: bool = True,
                               sm_scale: float | None = None):
-    """Plain-jnp attention with the same layouts, masking and conventions as flash_attention."""
+    """Plain-jnp attention with the same layouts, masking and conventions as flash_attention.
+
+    float32 inputs get full fp32 matmuls (``Precision.HIGHEST``) whatever
+    ``jax_default_matmul_precision`` says, like the kernel.
+    """
     shapes.check_attention(q, k, v, kv_lengths, where="flash_attention_reference")
     batch, seq_q, heads, dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(dim) if sm_scale is None else sm_scale
+    precision = dot_precision(q.dtype)
     qg = q.reshape(batch, seq_q, kv_heads, heads // kv_heads, dim)
-    logits = jnp.einsum("bsgrd,btgd->bgrst", qg, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("bsgrd,btgd->bgrst", qg, k, preferred_element_type=jnp.float32,
+                        precision=precision) * scale
     mask = attention_mask(seq_q, seq_k, causal, kv_lengths)[:, :, None]  # [B|1,1,1,S,T]
     logits = jnp.where(mask, logits, MASK_VALUE)
     weights = jax.nn.softmax(logits, axis=-1)
     weights = jnp.where(mask, weights, 0.0)  # rows with no visible key give zeros
-    out = jnp.einsum("bgrst,btgd->bsgrd", weights, v.astype(jnp.float32))
+    out = jnp.einsum("bgrst,btgd->bsgrd", weights, v.astype(jnp.float32), precision=precision)
     return out.reshape(q.shape).astype(q.dtype)

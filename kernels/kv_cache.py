@@ -15,7 +15,8 @@ under ``jax.jit(..., donate_argnums=...)`` with the pages donated so XLA reuses 
 buffers instead of copying the whole pool. Lowering: Pallas' Triton backend
 (``plgpu.CompilerParams`` passed explicitly). One program per (sequence, key/value
 head, block of tokens) copies its rows one D-wide row at a time: each row lands on
-a different page slot, and rows are contiguous D-element stores.
+a different page slot, and rows are contiguous D-element stores. Tuning:
+``WriteBlockSizes`` (tokens per program, warps).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from hexjax.kernels import shapes
 from hexjax.kernels.flash_attention import padded_head_dim
+from hexjax.kernels.tuning import WriteBlockSizes, current_device_kind
 
 
 def _write_kernel(pos_ref, table_ref, k_new_ref, v_new_ref, k_in_ref, v_in_ref, k_ref, v_ref, *,
@@ -67,9 +69,8 @@ def _write_kernel(pos_ref, table_ref, k_new_ref, v_new_ref, k_in_ref, v_in_ref, 
     lax.fori_loop(start, stop, body, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_n", "num_warps"))
 def write_kv(k_pages, v_pages, k_new, v_new, block_tables, positions, *, interpret: bool = False,
-             block_n: int = 16, num_warps: int = 1):
+             block_sizes: WriteBlockSizes | None = None):
     """Write k_new/v_new[B,N,Hkv,D] at positions[b] + n through each sequence's block table.
 
     Args:
@@ -78,21 +79,32 @@ def write_kv(k_pages, v_pages, k_new, v_new, block_tables, positions, *, interpr
       block_tables: [B, max_pages_per_seq] int32.
       positions: [B] int32 position of each sequence's first new token.
       interpret: run in Pallas interpret mode (CPU).
-      block_n: tokens per program.
-      num_warps: Triton warps per program (a row copy needs few).
+      block_sizes: tokens per program and Triton warps; None (or None fields) take
+        ``WriteBlockSizes.default``.
 
     Returns:
       (k_pages, v_pages) with the new rows written.
     """
     shapes.check_write(k_pages, v_pages, k_new, v_new, block_tables, positions, where="write_kv")
     shapes.check_head_dim("write_kv", k_pages.shape[3])
-    if block_n < 1:
-        raise ValueError(f"write_kv: block_n={block_n} must be >= 1")
+    if block_sizes is None:
+        block_sizes = WriteBlockSizes()
+    elif not isinstance(block_sizes, WriteBlockSizes):
+        raise TypeError(f"write_kv: block_sizes must be a WriteBlockSizes or None; "
+                        f"got {type(block_sizes).__name__}")
+    bs = block_sizes.resolve(None if interpret else current_device_kind(), k_pages.shape[3])
+    block_n = min(bs.block_n, k_new.shape[1])
+    return _write_jit(k_pages, v_pages, k_new, v_new, block_tables, positions,
+                      interpret=bool(interpret), block_n=block_n, num_warps=bs.num_warps)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_n", "num_warps"))
+def _write_jit(k_pages, v_pages, k_new, v_new, block_tables, positions, *, interpret: bool,
+               block_n: int, num_warps: int):
     batch, num_tokens, kv_heads, dim = k_new.shape
     _, num_pages, page_size, _ = k_pages.shape
     max_pages = block_tables.shape[1]
     dim_p = padded_head_dim(dim)
-    block_n = min(block_n, num_tokens)
     kernel = functools.partial(_write_kernel, num_tokens=num_tokens, block_n=block_n,
                                page_size=page_size, num_pages=num_pages, max_pages=max_pages,
                                head_dim=dim)

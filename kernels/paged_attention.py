@@ -16,10 +16,15 @@ are cut into ``num_splits`` contiguous ranges (split-K): with batch 1 and a long
 context there are still enough programs to fill the GPU. Each split writes its
 normalised partial output and log-sum-exp; a small jnp epilogue combines them.
 Decode is bound by reading K/V, so the masking of the ragged last block is always on.
+
+Tuning: ``PagedBlockSizes`` (pages per loop step, splits, Triton settings), defaults per
+GPU generation from ``hexjax.kernels.tuning``. Precision: both dots of float32 inputs ask
+for full fp32 products (no TF32), as in flash attention.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -30,10 +35,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from hexjax.kernels import shapes
-from hexjax.kernels.flash_attention import MASK_VALUE, padded_head_dim
+from hexjax.kernels.flash_attention import MASK_VALUE, dot_precision, kernel_dot, padded_head_dim
+from hexjax.kernels.tuning import PagedBlockSizes, current_device_kind
 
-TARGET_PROGRAMS = 512
-"""Programs to aim for when choosing num_splits automatically (several per SM)."""
+TARGET_PROGRAMS = PagedBlockSizes.default().target_programs
+"""Generic number of programs the automatic num_splits aims for (several per SM)."""
 
 
 def _paged_kernel(q_ref, k_ref, v_ref, table_ref, length_ref, o_ref, lse_ref, *,
@@ -77,13 +83,13 @@ def _paged_kernel(q_ref, k_ref, v_ref, table_ref, length_ref, o_ref, lse_ref, *,
         ok = token < length
         # Unwritten rows may hold NaN/inf: keep them out of both products.
         v = jnp.where(ok[:, None], v, jnp.zeros_like(v))
-        s = plgpu.dot(q, k, trans_b=True, allow_tf32=False if q.dtype == jnp.float32 else None)
+        s = kernel_dot(q, k, trans_b=True)
         s = jnp.where(ok[None, :], s * sm_scale, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.where(ok[None, :], jnp.exp(s - m_new[:, None]), 0.0)
         l_new = alpha * l + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + kernel_dot(p.astype(v.dtype), v)
         return acc, m_new, l_new
 
     rows = q.shape[0]
@@ -96,18 +102,60 @@ def _paged_kernel(q_ref, k_ref, v_ref, table_ref, length_ref, o_ref, lse_ref, *,
     lse_ref[...] = jnp.where(empty, MASK_VALUE, m + jnp.log(l_safe))
 
 
-def default_num_splits(batch: int, kv_heads: int, max_pages: int, pages_per_block: int) -> int:
-    """Splits so that batch * kv_heads * splits reaches TARGET_PROGRAMS, within the pages there are."""
+def default_num_splits(batch: int, kv_heads: int, max_pages: int, pages_per_block: int,
+                       target_programs: int = TARGET_PROGRAMS) -> int:
+    """Splits so that batch * kv_heads * splits reaches target_programs, within the pages there are."""
     useful = pl.cdiv(max_pages, pages_per_block)
-    wanted = pl.cdiv(TARGET_PROGRAMS, batch * kv_heads)
+    wanted = pl.cdiv(target_programs, batch * kv_heads)
     return max(1, min(pl.next_power_of_2(wanted), pl.next_power_of_2(useful)))
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "sm_scale", "interpret", "pages_per_block", "num_splits", "num_warps", "num_stages"))
+@dataclasses.dataclass(frozen=True)
+class PagedConfig:
+    """Static configuration of one paged_attention call (resolved from PagedBlockSizes)."""
+
+    sm_scale: float
+    pages_per_block: int
+    num_splits: int
+    pages_per_split: int
+    num_warps: int
+    num_stages: int
+    interpret: bool
+
+
+def _resolve_config(q, k_pages, block_tables, *, sm_scale, interpret,
+                    block_sizes: PagedBlockSizes | None) -> PagedConfig:
+    batch, _, dim = q.shape
+    kv_heads, _, page_size, _ = k_pages.shape
+    max_pages = block_tables.shape[1]
+    if block_sizes is None:
+        block_sizes = PagedBlockSizes()
+    elif not isinstance(block_sizes, PagedBlockSizes):
+        raise TypeError(f"paged_attention: block_sizes must be a PagedBlockSizes or None; "
+                        f"got {type(block_sizes).__name__}")
+    bs = block_sizes.resolve(None if interpret else current_device_kind(), dim)
+    min_pages = max(1, 16 // page_size)  # Triton dots need >= 16 keys
+    pages_per_block = bs.pages_per_block
+    if pages_per_block is None:
+        pages_per_block = max(min_pages, 64 // page_size)
+    if pages_per_block < min_pages:
+        raise ValueError(f"paged_attention: pages_per_block={pages_per_block} must be a power of "
+                         f"two with pages_per_block * page_size >= 16 (page_size {page_size})")
+    num_splits = bs.num_splits
+    if num_splits is None:
+        num_splits = default_num_splits(batch, kv_heads, max_pages, pages_per_block,
+                                        bs.target_programs)
+    # Each split covers a power-of-two number of whole blocks of pages.
+    pages_per_split = pl.next_power_of_2(
+        pl.cdiv(pl.cdiv(max_pages, num_splits), pages_per_block)) * pages_per_block
+    return PagedConfig(
+        sm_scale=float(1.0 / math.sqrt(dim) if sm_scale is None else sm_scale),
+        pages_per_block=pages_per_block, num_splits=num_splits, pages_per_split=pages_per_split,
+        num_warps=bs.num_warps, num_stages=bs.num_stages, interpret=bool(interpret))
+
+
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_scale: float | None = None,
-                    interpret: bool = False, pages_per_block: int | None = None,
-                    num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2):
+                    interpret: bool = False, block_sizes: PagedBlockSizes | None = None):
     """One decode step of attention over a paged KV cache.
 
     Args:
@@ -117,33 +165,28 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_scale: flo
       lengths: [B] int32 cached tokens per sequence (0 gives zeros).
       sm_scale: softmax scale, default 1/sqrt(D).
       interpret: run in Pallas interpret mode (CPU).
-      pages_per_block: pages loaded per loop step; default makes 64 tokens (at least 16).
-      num_splits: split-K ranges per sequence (power of two); default fills the GPU.
-      num_warps, num_stages: Triton settings.
+      block_sizes: pages per loop step (default: 64 tokens, at least 16), split-K ranges
+        per sequence (default: enough programs to fill the GPU) and Triton settings;
+        None fields take ``PagedBlockSizes.default`` for the GPU the call runs on.
 
     Returns:
       [B, Hq, D] in q's dtype.
     """
     shapes.check_paged(q, k_pages, v_pages, block_tables, lengths, where="paged_attention")
     shapes.check_head_dim("paged_attention", q.shape[2])
+    shapes.check_page_size("paged_attention", k_pages.shape[2])
+    cfg = _resolve_config(q, k_pages, block_tables, sm_scale=sm_scale, interpret=interpret,
+                          block_sizes=block_sizes)
+    return _paged_jit(q, k_pages, v_pages, block_tables, lengths, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _paged_jit(q, k_pages, v_pages, block_tables, lengths, cfg: PagedConfig):
     batch, heads, dim = q.shape
     kv_heads, num_pages, page_size, _ = k_pages.shape
-    shapes.check_page_size("paged_attention", page_size)
     max_pages = block_tables.shape[1]
     group = heads // kv_heads
-    min_pages = max(1, 16 // page_size)  # Triton dots need >= 16 keys
-    if pages_per_block is None:
-        pages_per_block = max(min_pages, 64 // page_size)
-    if pages_per_block < min_pages or pages_per_block & (pages_per_block - 1):
-        raise ValueError(f"paged_attention: pages_per_block={pages_per_block} must be a power of "
-                         f"two with pages_per_block * page_size >= 16 (page_size {page_size})")
-    if num_splits is None:
-        num_splits = default_num_splits(batch, kv_heads, max_pages, pages_per_block)
-    if num_splits < 1 or num_splits & (num_splits - 1):
-        raise ValueError(f"paged_attention: num_splits={num_splits} must be a power of two")
-    # Each split covers a power-of-two number of whole blocks of pages.
-    pages_per_split = pl.next_power_of_2(
-        pl.cdiv(pl.cdiv(max_pages, num_splits), pages_per_block)) * pages_per_block
+    num_splits, pages_per_split = cfg.num_splits, cfg.pages_per_split
     table = jnp.pad(block_tables, ((0, 0), (0, num_splits * pages_per_split - max_pages)))
     table = table.reshape(batch, num_splits, pages_per_split)
 
@@ -151,10 +194,9 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_scale: flo
     rows = max(16, pl.next_power_of_2(group))
     qg = q.reshape(batch, kv_heads, group, dim)
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, dim_p - dim)))
-    scale = 1.0 / math.sqrt(dim) if sm_scale is None else sm_scale
 
     kernel = functools.partial(
-        _paged_kernel, sm_scale=float(scale), pages_per_block=pages_per_block,
+        _paged_kernel, sm_scale=cfg.sm_scale, pages_per_block=cfg.pages_per_block,
         pages_per_split=pages_per_split, page_size=page_size, num_pages=num_pages, head_dim=dim)
     out, lse = pl.pallas_call(
         kernel,
@@ -174,8 +216,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_scale: flo
             jax.ShapeDtypeStruct((batch, num_splits, kv_heads, rows, dim_p), jnp.float32),
             jax.ShapeDtypeStruct((batch, num_splits, kv_heads, rows), jnp.float32),
         ],
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=cfg.interpret,
         name="hexjax_paged_attention",
     )(qg, k_pages, v_pages, table, lengths[:, None])
     return combine_splits(out[..., :group, :dim], lse[..., :group]).reshape(q.shape).astype(q.dtype)
@@ -201,6 +243,7 @@ def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *,
     kv_heads, num_pages, page_size, _ = k_pages.shape
     max_pages = block_tables.shape[1]
     scale = 1.0 / math.sqrt(dim) if sm_scale is None else sm_scale
+    precision = dot_precision(q.dtype)
     tokens = max_pages * page_size
     valid = jnp.arange(tokens)[None, :] < lengths[:, None]  # [B, T]
     pages = jnp.clip(block_tables, 0, num_pages - 1)
@@ -209,9 +252,9 @@ def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *,
     k = jnp.where(valid[None, :, :, None], k, 0.0)
     v = jnp.where(valid[None, :, :, None], v, 0.0)
     qg = q.reshape(batch, kv_heads, heads // kv_heads, dim).astype(jnp.float32)
-    logits = jnp.einsum("bgrd,gbtd->bgrt", qg, k) * scale
+    logits = jnp.einsum("bgrd,gbtd->bgrt", qg, k, precision=precision) * scale
     mask = valid[:, None, None, :]
     weights = jax.nn.softmax(jnp.where(mask, logits, MASK_VALUE), axis=-1)
     weights = jnp.where(mask, weights, 0.0)
-    out = jnp.einsum("bgrt,gbtd->bgrd", weights, v)
+    out = jnp.einsum("bgrt,gbtd->bgrd", weights, v, precision=precision)
     return out.reshape(q.shape).astype(q.dtype)

@@ -50,15 +50,17 @@ def symmetric_plan(model, cluster, workload: Workload, objective: str = "through
                 best = None
                 for order in sorted(set(itertools.permutations(combo))):
                     for mb, b in cost.microbatch_options(workload.batch, P):
-                        busy = []
+                        pre, dec = [], []
                         for j, k in enumerate(order):
                             prev = order[j - 1] if j else None
                             ret = order[0] if (j == P - 1 and P > 1) else None
-                            w, arg = search.busy_vector(k, t, mb, b, j == 0, j == P - 1, prev, ret)
-                            busy.append(float(w[counts[j]]))
-                        if any(x == float("inf") for x in busy):
+                            pos = search.position(k, t, mb, b, j == 0, j == P - 1, prev, ret)
+                            shape = pos.meshes.index((1, t))      # dp = 1: the symmetric plan's mesh
+                            pre.append(float(pos.pre[shape, counts[j]]))
+                            dec.append(float(pos.dec[shape, counts[j]]))
+                        if any(x == float("inf") for x in pre + dec):
                             continue
-                        value = cost.cycle_s(busy, mb)
+                        value = cost.replica_times(pre, dec, mb, workload.output_len)[2]
                         if best is None or value < best.cycle_s:
                             best = PipelineChoice(value, tuple((k, t) for k in order), counts,
                                                   tuple((1, t) for _ in order), mb)

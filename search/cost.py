@@ -17,19 +17,25 @@ Sharding (as the runtime lays it out)
 
 Microbatches
     A replica of ``P`` stages either sends its ``B`` requests through as one
-    microbatch, or splits them into ``mb = min(B, P)`` microbatches of
-    ``b = ceil(B / mb)`` requests so that the pipeline is kept full whenever
-    ``B >= P``; the model takes whichever of the two fits in memory and gives
-    the shorter cycle (splitting pays off when stages are compute-bound; when
-    they are bound by reading weights, every extra microbatch reads them
-    again). Inside a stage each microbatch is split over the ``dp`` rows: a
-    row works on ``r = ceil(b / dp)`` requests and keeps the KV cache of
-    ``mb * r``.
+    microbatch, or cuts them into microbatches of ``b = ceil(B / min(B, P))``
+    requests, ``mb = ceil(B / b)`` of them (the last holds the rest), so that
+    the pipeline is kept full whenever ``B >= P``; the model takes whichever
+    of the two fits in memory and gives the lower latency (splitting pays off
+    when stages are compute-bound; when they are bound by reading weights,
+    every extra microbatch reads them again). Inside a stage each microbatch
+    is split over the ``dp`` rows: a row works on ``r = ceil(b / dp)``
+    requests and keeps the KV cache of its share of every microbatch,
+    ``Σ_m ceil(B_m / dp)`` sequences.
 
 Per-device FLOPs of one layer for one token attending to ``x`` keys
     ``2 (h q / tp + 2 h k_dev d_h + q h / tp + 3 h f / tp) + 4 (heads / tp) d_h x``
     (the model's ``layer_flops_per_token`` at ``tp = 1``). The last stage adds
     ``2 h V_dev`` per token that gets logits (the LM head).
+    :func:`stage_figures` gives a stage's per-device figures of one
+    microbatch (bytes held, FLOPs and bytes read per prefill and decode step)
+    and is what the times below, and every comparison with XLA, are made of;
+    the attended context is a parameter so that a compiled program can be
+    matched at the context it really reads.
 
 Stage compute time (per microbatch)
     Prefill: ``r s`` tokens with mean context ``(s + 1) / 2`` (exact for the
@@ -62,23 +68,24 @@ Pipeline hops
     compute. A one-stage replica has no hops.
 
 Replica times
-    Per stage and microbatch: ``w_pre`` (prefill) and ``w_dec`` (one decode
-    step), each = hop + compute + tensor-parallel collectives. The work a
-    stage does for one microbatch's whole life is
-    ``W = w_pre + (n - 1) w_dec``. The ``mb`` microbatches circulate through
-    the ``P`` stages; a batch of ``B`` requests completes after::
+    Per stage and microbatch: ``p_s`` (prefill) and ``d_s`` (one decode
+    step), each = hop + compute + tensor-parallel collectives. The runtime
+    issues every microbatch's prefill, then the decode steps round by round
+    (step ``t`` of every microbatch before step ``t + 1`` of any), and a
+    replica serves one batch at a time. So::
 
-        C = max(Σ_s W_s, mb * max_s W_s)
+        TTFT    = Σ_s p_s + (mb - 1) max_s p_s          (the last microbatch's prefill leaves the pipeline)
+        TPOT    = max(Σ_s d_s, mb max_s d_s)             (one decode round: a token's chain, or the busiest stage
+                                                          serving every microbatch)
+        latency = TTFT + (n - 1) TPOT                    (the last request's end-to-end latency)
 
-    (one microbatch cannot go faster than its own chain; the busiest stage
-    must serve all ``mb``). ``C`` is the end-to-end latency of a request and
-    what every objective uses. Throughput of a replica = ``B n / C`` output
-    tokens/s and ``B / C`` requests/s (batches served back to back). For
-    reading, TTFT = ``Σ_s w_pre,s + (mb - 1) max_s w_pre,s`` (the prefills
-    filling the pipeline) and TPOT = ``max(Σ_s w_dec,s, mb max_s w_dec,s)``
-    (one decode round of every microbatch); ``TTFT + (n - 1) TPOT`` can
-    exceed ``C`` because in the cycle one microbatch's prefill overlaps
-    another's decode. A plan's throughput is the sum over replicas; its
+    ``latency`` is what every objective and the SLO use; a replica serves
+    ``B n / latency`` output tokens/s and ``B / latency`` requests/s. With
+    one microbatch it is ``Σ_s W_s``, ``W_s = p_s + (n - 1) d_s`` being a
+    stage's work for the batch's whole life (``busy_s``, for reading). It is
+    never below ``max(Σ_s W_s, mb max_s W_s)``, the period of a pipeline that
+    would overlap one batch's prefill with another's decode, which the search
+    uses as a lower bound. A plan's throughput is the sum over replicas; its
     latencies are the worst replica's.
 
 Memory per device
@@ -88,7 +95,7 @@ Memory per device
     stored again on the last stage unless it is also the first); KV cache
     in whole pages of ``p = KV_PAGE_TOKENS`` tokens, as the runtime
     allocates it, plus the one page per device it keeps as a target for
-    padding writes: ``l * (mb * r * ceil((s + n) / p) + 1) * p * 2 k_dev d_h e``;
+    padding writes: ``l * (Σ_m ceil(B_m / dp) * ceil((s + n) / p) + 1) * p * 2 k_dev d_h e``;
     activation workspace of the
     largest step (a prefill of one row, one layer at a time:
     ``r s (2h + 2q/tp + 2 k_dev d_h + 3f/tp) e`` plus float32 attention
@@ -167,9 +174,130 @@ def usable_memory_bytes(device: DeviceSpec) -> float:
 
 
 def microbatch_options(batch: int, num_stages: int) -> list[tuple[int, int]]:
-    """``(microbatches, requests per microbatch)`` a replica of ``num_stages`` stages may use."""
+    """``(microbatches, requests per microbatch)`` a replica of ``num_stages`` stages may use.
+
+    One microbatch of the whole batch, or microbatches of ``b = ceil(batch / min(batch, stages))``
+    requests, as many as that takes (``ceil(batch / b)``; the last holds the rest).
+    """
     mb = min(batch, num_stages)
-    return [(1, batch)] + ([(mb, -(-batch // mb))] if mb > 1 else [])
+    if mb <= 1:
+        return [(1, batch)]
+    b = -(-batch // mb)
+    return [(1, batch), (-(-batch // b), b)]
+
+
+def microbatch_requests(batch: int, microbatches: int, microbatch: int) -> list[int]:
+    """Requests in each of the ``microbatches`` microbatches of ``microbatch`` requests (the last the rest)."""
+    return [max(0, min(microbatch, batch - m * microbatch)) for m in range(microbatches)]
+
+
+def kv_sequences_per_device(batch: int, microbatches: int, microbatch: int, dp: int) -> int:
+    """Sequences whose KV cache one device of a ``dp``-row stage keeps: its rows' share of every microbatch."""
+    return sum(-(-k // dp) for k in microbatch_requests(batch, microbatches, microbatch))
+
+
+def kv_pages_per_device(context_len: int, sequences: int, page_tokens: int = KV_PAGE_TOKENS) -> int:
+    """KV pages per layer one device holds: whole pages per sequence plus the one reserved page."""
+    return sequences * -(-context_len // page_tokens) + 1
+
+
+def prefill_flops(cfg: ModelConfig, num_layers, tp: int, last: bool, rows: int, tokens: int,
+                  context: float) -> float:
+    """Per-device FLOPs of a prefill of ``rows`` rows of ``tokens`` tokens that attend to ``context`` keys
+    each (on average); the last stage's LM head makes logits for one position per row."""
+    head = 2 * cfg.hidden_size * vocab_per_device(cfg, tp) if last else 0.0
+    return num_layers * rows * tokens * layer_flops_per_device(cfg, tp, context) + rows * head
+
+
+def decode_flops(cfg: ModelConfig, num_layers, tp: int, last: bool, rows: int, context: float) -> float:
+    """Per-device FLOPs of one decode step of ``rows`` rows, each token attending to ``context`` keys."""
+    head = 2 * cfg.hidden_size * vocab_per_device(cfg, tp) if last else 0.0
+    return num_layers * rows * layer_flops_per_device(cfg, tp, context) + rows * head
+
+
+@dataclasses.dataclass(frozen=True)
+class StageFigures:
+    """Per-device figures of one stage's programs for one microbatch (what :func:`stage_cost` is made of).
+
+    With ``num_layers`` an array, every size and FLOP field holds one value per entry.
+    """
+
+    rows: int
+    """Rows one device computes in one microbatch."""
+    kv_sequences: int
+    """Sequences whose KV cache one device keeps (its rows of every microbatch)."""
+    kv_pages: int
+    """KV pages per layer on one device, the reserved page included."""
+    weight_bytes: Any
+    """Parameters per device."""
+    kv_bytes: Any
+    """KV cache per device (``kv_pages`` pages of every layer)."""
+    activation_bytes: Any
+    """Activation workspace per device (the largest step: a prefill, one layer at a time)."""
+    prefill_tokens: int
+    """Tokens per row of the prefill."""
+    prefill_context: float
+    """Keys each prefill token attends to (mean)."""
+    decode_context: float
+    """Keys the decode step's token attends to."""
+    prefill_flops: Any
+    """FLOPs of one microbatch's prefill, per device."""
+    decode_flops: Any
+    """FLOPs of one microbatch's decode step at ``decode_context``, per device."""
+    prefill_bytes: Any
+    """Bytes one prefill reads and writes: the weights once plus the KV cache written."""
+    decode_bytes: Any
+    """Bytes one decode step reads: the weights plus the KV cache of ``decode_context`` positions."""
+
+
+def stage_figures(cfg: ModelConfig, num_layers, dp: int, tp: int, first: bool, last: bool, microbatches: int,
+                  microbatch: int, workload: Workload, dtype_bytes: int = 2, *, micro_batch_rows: int | None = None,
+                  prefill_tokens: int | None = None, prefill_context: float | None = None,
+                  decode_context: float | None = None) -> StageFigures:
+    """Per-device figures of one microbatch on a stage of ``num_layers`` layers on a ``(dp, tp)`` mesh.
+
+    ``microbatches`` x ``microbatch`` is how the replica's ``workload.batch``
+    requests are cut (:func:`microbatch_options`); the KV cache holds every
+    real request's pages. The rest describe one microbatch's programs and
+    default to the cost model's own view: ``micro_batch_rows`` rows (default
+    ``microbatch``; a compiled program may pad it) split over ``dp``,
+    ``prefill_tokens`` (default ``workload.prompt_len``) per row attending to
+    ``prefill_context`` keys on average (default ``(s + 1) / 2``, the causal
+    mean), and a decode step attending to ``decode_context`` keys (default
+    ``s + n / 2``, the mean over the decode steps). To compare with a compiled
+    program, pass the context it really reads: its padded prompt for the
+    prefill (a masked dense attention computes every key), and every slot of
+    the block table (``table_width * page_size``) for a decode step.
+    """
+    e = dtype_bytes
+    h, dh, l = cfg.hidden_size, cfg.head_dim, num_layers
+    s, n = workload.prompt_len, workload.output_len
+    rows = -(-(microbatch if micro_batch_rows is None else micro_batch_rows) // dp)
+    tokens = s if prefill_tokens is None else prefill_tokens
+    pre_ctx = (tokens + 1) / 2 if prefill_context is None else prefill_context
+    dec_ctx = s + n / 2 if decode_context is None else decode_context
+    kv_dev = kv_heads_per_device(cfg, tp) * dh
+    vocab_dev = vocab_per_device(cfg, tp)
+
+    weights = l * layer_params_per_device(cfg, tp) * e
+    if first:
+        weights += vocab_dev * h * e
+    if last:
+        weights += h * e
+        if not (cfg.tie_word_embeddings and first):
+            weights += vocab_dev * h * e
+    kv_token_bytes = 2 * kv_dev * e                # one token, one layer, this device
+    seqs = kv_sequences_per_device(workload.batch, microbatches, microbatch, dp)
+    pages = kv_pages_per_device(workload.context_len, seqs)
+    kv = l * pages * KV_PAGE_TOKENS * kv_token_bytes
+    act = rows * tokens * (2 * h + 2 * cfg.q_size / tp + 2 * kv_dev + 3 * cfg.intermediate_size / tp) * e
+    act += rows * (cfg.num_heads / tp) * tokens * tokens * 4
+    if last:
+        act += rows * vocab_dev * LOGIT_BYTES
+    return StageFigures(
+        rows, seqs, pages, weights, kv, act, tokens, pre_ctx, dec_ctx,
+        prefill_flops(cfg, l, tp, last, rows, tokens, pre_ctx), decode_flops(cfg, l, tp, last, rows, dec_ctx),
+        weights + l * rows * tokens * kv_token_bytes, weights + l * rows * dec_ctx * kv_token_bytes)
 
 
 # ---- one stage ----
@@ -215,44 +343,14 @@ def stage_cost(cfg: ModelConfig, device: DeviceSpec, intra_bandwidth_Bps: float,
     """Time and memory of a stage of ``num_layers`` layers on a ``(dp, tp)`` mesh of one host.
 
     ``num_layers`` may be an integer array: every field then holds one value per entry.
+    The FLOPs and bytes are :func:`stage_figures`' at the cost model's own contexts.
     """
-    e = dtype_bytes
-    h, dh, l = cfg.hidden_size, cfg.head_dim, num_layers
-    s, n = workload.prompt_len, workload.output_len
-    r = -(-microbatch // dp)                       # requests per row
-    kv_dev = kv_heads_per_device(cfg, tp) * dh
-    vocab_dev = vocab_per_device(cfg, tp)
-    vocab_split = vocab_dev != cfg.vocab_size
-
-    layer_bytes = layer_params_per_device(cfg, tp) * e
-    weights = l * layer_bytes
-    if first:
-        weights += vocab_dev * h * e
-    if last:
-        weights += h * e
-        if not (cfg.tie_word_embeddings and first):
-            weights += vocab_dev * h * e
-    kv_token_bytes = 2 * kv_dev * e                # one token, one layer, this device
-    pages = microbatches * r * -(-workload.context_len // KV_PAGE_TOKENS) + 1
-    kv = l * pages * KV_PAGE_TOKENS * kv_token_bytes
-    act = r * s * (2 * h + 2 * cfg.q_size / tp + 2 * kv_dev + 3 * cfg.intermediate_size / tp) * e
-    act += r * (cfg.num_heads / tp) * s * s * 4
-    if last:
-        act += r * vocab_dev * LOGIT_BYTES
-
+    f = stage_figures(cfg, num_layers, dp, tp, first, last, microbatches, microbatch, workload, dtype_bytes)
+    e, h, l, r, s = dtype_bytes, cfg.hidden_size, num_layers, f.rows, f.prefill_tokens
+    vocab_split = vocab_per_device(cfg, tp) != cfg.vocab_size
     peak, bw = device.peak_flops * FLOPS_EFFICIENCY, device.memory_bandwidth_Bps * MEMORY_BANDWIDTH_EFFICIENCY
-    head_flops = 2 * h * vocab_dev if last else 0.0
-
-    # prefill of one microbatch
-    flops = l * r * s * layer_flops_per_device(cfg, tp, (s + 1) / 2) + r * head_flops
-    nbytes = weights + l * r * s * kv_token_bytes
-    prefill = _max(flops / peak, nbytes / bw)
-    # one decode step at the mean context
-    ctx = s + n / 2
-    flops = l * r * layer_flops_per_device(cfg, tp, ctx) + r * head_flops
-    nbytes = weights + l * r * ctx * kv_token_bytes
-    decode = _max(flops / peak, nbytes / bw)
-
+    prefill = _max(f.prefill_flops / peak, f.prefill_bytes / bw)
+    decode = _max(f.decode_flops / peak, f.decode_bytes / bw)
     if tp > 1:
         for tokens in (s, 1):
             comm = 2 * l * _allreduce_s(r * tokens * h * e, tp, intra_bandwidth_Bps, intra_latency_s)
@@ -264,7 +362,7 @@ def stage_cost(cfg: ModelConfig, device: DeviceSpec, intra_bandwidth_Bps: float,
                 prefill += comm
             else:
                 decode += comm
-    return StageCost(prefill, decode, weights, kv, act, usable_memory_bytes(device))
+    return StageCost(prefill, decode, f.weight_bytes, f.kv_bytes, f.activation_bytes, usable_memory_bytes(device))
 
 
 def _max(a, b):
@@ -284,16 +382,30 @@ def hop_bytes(cfg: ModelConfig, workload: Workload, microbatch: int, dtype_bytes
 
 
 def busy_s(prefill_s: float, decode_s: float, workload: Workload) -> float:
-    """A stage's work for one microbatch's whole life."""
+    """A stage's work for one microbatch's whole life: ``p + (n - 1) d``."""
     return prefill_s + (workload.output_len - 1) * decode_s
 
 
-def cycle_s(busy: list[float], microbatches: int) -> float:
-    """Time for a replica to serve one batch: ``max(Σ W, mb * max W)``."""
-    total = 0.0
-    for w in busy:
-        total += w
-    return max(total, microbatches * max(busy))
+def replica_times(prefill: list, decode: list, microbatches: int, output_len: int) -> tuple:
+    """``(TTFT, TPOT, latency)`` of a replica whose stages take ``prefill[s]`` and ``decode[s]`` per
+    microbatch (hops included): ``TTFT = Σ p + (mb - 1) max p``, ``TPOT = max(Σ d, mb max d)``
+    (0 when ``output_len`` is 1), ``latency = TTFT + (output_len - 1) TPOT``.
+
+    Entries may be arrays (elementwise, e.g. one per candidate split).
+    """
+    total, top = prefill[0], prefill[0]
+    for p in prefill[1:]:
+        total = total + p
+        top = _max(top, p)
+    ttft = total + (microbatches - 1) * top
+    if output_len <= 1:
+        return ttft, 0.0 * ttft, ttft
+    total, top = decode[0], decode[0]
+    for d in decode[1:]:
+        total = total + d
+        top = _max(top, d)
+    tpot = _max(total, microbatches * top)
+    return ttft, tpot, ttft + (output_len - 1) * tpot
 
 
 # ---- predictions ----
@@ -339,11 +451,11 @@ class ReplicaPrediction:
     microbatch: int
     """Requests per microbatch."""
     ttft_s: float
-    """Time to first token: the prefills of all microbatches through the pipeline."""
+    """Time to first token of the last microbatch: the prefills of all microbatches through the pipeline."""
     tpot_s: float
     """Time per output token in steady decoding: one round of every microbatch."""
     latency_s: float
-    """End-to-end latency of a request (one batch cycle)."""
+    """End-to-end latency of the batch's last request: ``TTFT + (n - 1) TPOT``."""
     throughput_tokens_per_s: float
     """Output tokens per second with batches served back to back."""
     requests_per_s: float
@@ -419,7 +531,7 @@ def tokens_per_dollar(throughput_tokens_per_s: float, price_per_hour: float) -> 
 def predict_replica(replica, cfg: ModelConfig, cluster, workload: Workload, dtype_bytes: int = 2) -> ReplicaPrediction:
     """Evaluate one replica (a :class:`hexjax.plan.Replica`) with the formulas above.
 
-    Of the microbatch options, the one that fits with the shortest cycle wins
+    Of the microbatch options, the one that fits with the lowest latency wins
     (if none fits, the one with the least peak memory is reported).
     """
     options = [_predict_replica(replica, cfg, cluster, workload, dtype_bytes, mb, b)
@@ -439,7 +551,7 @@ def _predict_replica(replica, cfg, cluster, workload, dtype_bytes, mb, b) -> Rep
     P = len(stages)
     hosts = [cluster.host_of(st.devices[0]) for st in stages]
     pre_b, dec_b, tok_b = hop_bytes(cfg, workload, b, dtype_bytes)
-    preds, busy, pre, dec = [], [], [], []
+    preds, pre, dec = [], [], []
     for k, st in enumerate(stages):
         host = cluster.hosts[hosts[k]]
         c = _stage_cost_memo(cfg, host.device, host.intra_bandwidth_Bps, host.intra_latency_s,
@@ -454,19 +566,15 @@ def _predict_replica(replica, cfg, cluster, workload, dtype_bytes, mb, b) -> Rep
             bw, lat = cluster.host_bandwidth(hosts[k], hosts[0]), cluster.host_latency(hosts[k], hosts[0])
             w_dec = w_dec + hop_s(tok_b, bw, lat)
         w = busy_s(w_pre, w_dec, workload)
-        busy.append(w)
         pre.append(w_pre)
         dec.append(w_dec)
         preds.append(StagePrediction(host.name, tuple(st.layers), st.dp, st.tp, w_pre, w_dec, w,
                                      c.memory_bytes, c.weight_bytes, c.kv_bytes, c.activation_bytes,
                                      c.capacity_bytes))
-    cycle = cycle_s(busy, mb)
-    ttft = sum(pre) + (mb - 1) * max(pre)
-    n = workload.output_len
-    tpot = max(sum(dec), mb * max(dec)) if n > 1 else 0.0
+    ttft, tpot, latency = replica_times(pre, dec, mb, workload.output_len)
     price = sum(cluster.device(d).price_per_hour for st in stages for d in st.devices)
-    return ReplicaPrediction(tuple(preds), mb, b, ttft, tpot, cycle, workload.batch * n / cycle,
-                             workload.batch / cycle, price)
+    return ReplicaPrediction(tuple(preds), mb, b, ttft, tpot, latency, workload.batch * workload.output_len / latency,
+                             workload.batch / latency, price)
 
 
 def predict(plan, cfg: ModelConfig, cluster, workload: Workload) -> Prediction:

@@ -1,26 +1,38 @@
-"""Exact dynamic program for the best pipeline on a given set of host slices.
+"""Exact search for the best pipeline on a given set of host slices.
 
 A *footprint* is a multiset of pieces ``(host class, devices)``: the replica
 takes that many devices from one host of that class per piece, each piece on
-a different host, one stage per piece. For a footprint the program chooses
+a different host, one stage per piece. For a footprint the search chooses
 the order of the pieces, each stage's ``(dp, tp)`` shape with
 ``dp * tp`` equal to the piece's devices, the layer split and the
-microbatching, minimising the replica's batch cycle
-``C = max(Σ W, mb * max W)`` (see :mod:`hexjax.search.cost`). For each
-microbatching and each order it runs a DP over the layers placed so far,
-vectorised over layer counts and over all orders at once::
+microbatching, minimising the replica's latency (see
+:mod:`hexjax.search.cost`)::
 
-    D_1[a] = W_1(a)
-    D_j[a'] = min over a < a' of  D_{j-1}[a] ⊕ W_j(a' - a)
+    F = Σ p + (mb - 1) max p + (n - 1) max(Σ d, mb max d)
 
-with ``⊕`` = ``+`` when there is one microbatch (``C = Σ W``), ``max``
-when there are as many microbatches as stages (``C = P * max W``), and a
-Pareto set of ``(Σ, max)`` pairs in between. ``W_j(l)`` is already the
-minimum over the shapes of the stage's work, including the hop into it
-(which depends only on the previous piece's host class) and, for the last
-stage, the token sent back to the first. Since every term of a stage
-depends only on its own piece, shape, layer count, position flags and
-neighbours, the program is exact for the footprint.
+where ``p_j`` and ``d_j`` are stage ``j``'s prefill and decode step per
+microbatch, hops included (the hop into the stage depends only on the
+previous piece's host class; the last stage also sends the token back to
+the first). Every term of a stage depends only on its own piece, shape,
+layer count, position flags and neighbours.
+
+- One microbatch: ``F = Σ W`` with ``W = p + (n - 1) d``, additive; each
+  stage takes the shape of least ``W`` and a DP over the layers placed so
+  far, vectorised over layer counts and over all orders at once, is exact::
+
+      D_1[a] = W_1(a);   D_j[a'] = min over a < a' of  D_{j-1}[a] + W_j(a' - a)
+
+- Several microbatches: ``F`` has two maxima over the stages (of ``p`` and
+  of ``d``), so the split and the shapes are searched together by branch
+  and bound. Per order, ``max(min Σ W, mb min max W)`` (both exact DPs on
+  each stage's least ``W``; the first is implied by the second when
+  ``mb = P``) is a lower bound (``F >= Σ W`` and ``F >= mb W_j`` for every
+  stage) and ``F`` at the DPs' splits an incumbent; orders whose bound does
+  not beat the best value so far are skipped. The others are branched stage by stage over (layer count, shape),
+  a partial pipeline being dropped as soon as its value plus the least the
+  remaining stages can add (exact DPs over them of ``Σ p``, ``Σ d`` and
+  ``Σ W``, and their least single-stage ``p`` and ``d``) reaches the best
+  value so far. Nothing is dropped that could beat it, so the result is exact.
 
 ``lower_bound`` gives a value no pipeline on a footprint can beat (cheapest
 per-layer work of each piece, filled greedily within each piece's memory,
@@ -47,7 +59,8 @@ class PipelineChoice:
     """The best replica for one footprint."""
 
     cycle_s: float
-    """Batch cycle time C (the replica's end-to-end latency)."""
+    """The replica's latency ``F`` (the end-to-end latency of a batch's last request; batches are served
+    one after another, so also the time per batch)."""
     pieces: tuple[tuple[int, int], ...]
     """``(class, devices)`` per stage, in pipeline order."""
     layer_counts: tuple[int, ...]
@@ -61,6 +74,49 @@ class PipelineChoice:
     def footprint(self) -> tuple[tuple[int, int], ...]:
         return tuple(sorted(self.pieces))
 
+    @property
+    def latency_s(self) -> float:
+        return self.cycle_s
+
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+    """One piece at one place of an order: its per-shape times with hops, for l = 0..L layers."""
+
+    meshes: tuple[tuple[int, int], ...]
+    """``(dp, tp)`` per shape."""
+    pre: np.ndarray
+    """``[shape, l]`` prefill of one microbatch (inf where it does not fit, and at l = 0)."""
+    dec: np.ndarray
+    """``[shape, l]`` decode step of one microbatch."""
+    busy: np.ndarray
+    """``[l]`` least work ``W = p + (n - 1) d`` over the shapes."""
+    arg: np.ndarray
+    """``[l]`` the shape giving ``busy``."""
+    pmin: np.ndarray
+    """``[l]`` least prefill over the shapes."""
+    dmin: np.ndarray
+    """``[l]`` least decode step over the shapes."""
+    opt_l: np.ndarray
+    """Layer counts of the ``(layers, shape)`` options that fit."""
+    opt_s: np.ndarray
+    """Their shapes."""
+    opt_p: np.ndarray
+    """Their prefills."""
+    opt_d: np.ndarray
+    """Their decode steps."""
+    extra: dict
+    """Cached derived vectors."""
+
+    def vmin(self, mb: int, n: int) -> np.ndarray:
+        """``[l]`` least ``(mb - 1) p + (n - 1) mb d`` over the shapes."""
+        key = ("v", mb, n)
+        got = self.extra.get(key)
+        if got is None:
+            v = (mb - 1) * self.pre if n == 1 else (mb - 1) * self.pre + (n - 1) * mb * self.dec
+            got = self.extra[key] = v.min(axis=0)
+        return got
+
 
 class PipelineSearch:
     """Best pipeline per footprint, with the per-stage vectors cached across footprints."""
@@ -70,9 +126,15 @@ class PipelineSearch:
         self.L = cfg.num_layers
         self.layers = np.arange(self.L + 1)
         self._stage: dict = {}
+        self._pos: dict = {}
         self._busy: dict = {}
+        self._rest: dict = {}
         self._last_bounds: tuple = (None, {})
         self.evaluated = 0
+        # min-plus convolution helper: out[m] = min over l = 1..m of v[l] + R[m - l]
+        m, l = np.meshgrid(self.layers, np.arange(1, self.L + 1), indexing="ij")
+        self._mp_rest = np.clip(m - l, 0, None)
+        self._mp_ok = m - l >= 0
 
     # ---- per-stage vectors ----
 
@@ -92,15 +154,15 @@ class PipelineSearch:
             self._stage[key] = out
         return self._stage[key]
 
-    def busy_vector(self, cls: int, devices: int, mb: int, b: int, first: bool, last: bool,
-                    prev: int | None, ret: int | None):
-        """``(W[l], shape index[l])``: the stage's work with its hops, minimised over shapes."""
+    def position(self, cls: int, devices: int, mb: int, b: int, first: bool, last: bool,
+                 prev: int | None, ret: int | None) -> Position:
+        """The piece's times at a place of an order: hop from class ``prev`` in, token back to ``ret``."""
         key = (cls, devices, mb, b, first, last, prev, ret)
-        if key not in self._busy:
+        if key not in self._pos:
             n = self.wl.output_len
             pre_b, dec_b, tok_b = cost.hop_bytes(self.cfg, self.wl, b, self.e)
-            best, arg = None, None
-            for k, (_, _, pre, dec) in enumerate(self.stage_vectors(cls, devices, mb, b, first, last)):
+            pres, decs, meshes = [], [], []
+            for dp, tp, pre, dec in self.stage_vectors(cls, devices, mb, b, first, last):
                 if prev is not None:
                     bw, lat = self.sym.link[(prev, cls)]
                     pre = cost.hop_s(pre_b, bw, lat) + pre
@@ -108,32 +170,42 @@ class PipelineSearch:
                 if ret is not None:
                     bw, lat = self.sym.link[(cls, ret)]
                     dec = dec + cost.hop_s(tok_b, bw, lat)
-                w = pre if n == 1 else pre + (n - 1) * dec
-                if best is None:
-                    best, arg = w, np.zeros(len(w), dtype=np.int64)
-                else:
-                    better = w < best
-                    best = np.where(better, w, best)
-                    arg = np.where(better, k, arg)
-            self._busy[key] = (best, arg)
-        return self._busy[key]
+                pres.append(pre)
+                decs.append(dec)
+                meshes.append((dp, tp))
+            pre, dec = np.stack(pres), np.stack(decs)
+            work = pre if n == 1 else pre + (n - 1) * dec
+            opt_s, opt_l = np.nonzero(np.isfinite(pre))
+            self._pos[key] = Position(tuple(meshes), pre, dec, work.min(axis=0), work.argmin(axis=0),
+                                      pre.min(axis=0), dec.min(axis=0), opt_l, opt_s, pre[opt_s, opt_l],
+                                      dec[opt_s, opt_l], {})
+        return self._pos[key]
+
+    def busy_vector(self, cls: int, devices: int, mb: int, b: int, first: bool, last: bool,
+                    prev: int | None, ret: int | None):
+        """``(W[l], shape index[l])``: the stage's work with its hops, minimised over shapes."""
+        pos = self.position(cls, devices, mb, b, first, last, prev, ret)
+        return pos.busy, pos.arg
 
     # ---- a lower bound, to skip footprints that a smaller one already beats ----
 
-    def piece_bound(self, cls: int, devices: int, mb: int, b: int) -> tuple[float, int]:
-        """``(a, cap)``: a middle stage on the piece works at least ``a`` per layer and holds at most ``cap`` layers."""
+    def piece_bound(self, cls: int, devices: int, mb: int, b: int) -> tuple[float, int, float, float]:
+        """``(a, cap, a_p, a_d)``: a middle stage on the piece works at least ``a`` per layer (``W``), prefills
+        in at least ``a_p`` and decodes in at least ``a_d`` per layer, and holds at most ``cap`` layers."""
         key = ("bound", cls, devices, mb, b)
         if key not in self._busy:
             n = self.wl.output_len
-            a, cap = INF, 0
+            a, a_p, a_d, cap = INF, INF, INF, 0
             ls = self.layers[1:]
             for _, _, pre, dec in self.stage_vectors(cls, devices, mb, b, False, False):
                 w = (pre if n == 1 else pre + (n - 1) * dec)[1:]
                 ok = w < INF
                 if ok.any():
                     a = min(a, float((w[ok] / ls[ok]).min()))
+                    a_p = min(a_p, float((pre[1:][ok] / ls[ok]).min()))
+                    a_d = min(a_d, float((dec[1:][ok] / ls[ok]).min()))
                     cap = max(cap, int(ls[ok].max()))
-            self._busy[key] = (a, cap)
+            self._busy[key] = (a, cap, a_p, a_d)
         return self._busy[key]
 
     def lower_bound(self, footprint) -> float:
@@ -148,30 +220,48 @@ class PipelineSearch:
 
     def _option_bounds(self, footprint) -> dict:
         P, L, n = len(footprint), self.L, self.wl.output_len
-        lat = 0.0
-        if P > 1:
-            lat = min(self.sym.link[(footprint[i][0], footprint[j][0])][1]
-                      for i in range(P) for j in range(P) if i != j)
+        lat, path, cycle = self._hop_latencies(tuple(cls for cls, _ in footprint))
         out = {}
         for mb, b in cost.microbatch_options(self.wl.batch, P):
             bounds = [self.piece_bound(cls, u, mb, b) for cls, u in footprint]
-            if any(cap == 0 for _, cap in bounds) or sum(cap for _, cap in bounds) < L:
+            if any(cap == 0 for _, cap, _, _ in bounds) or sum(cap for _, cap, _, _ in bounds) < L:
                 continue
-            # cheapest fill: every piece at least one layer, the rest on the cheapest per-layer pieces
-            fill = sum(a for a, _ in bounds)
-            left = L - P
-            for a, cap in sorted(bounds):
-                take = min(cap - 1, left)
-                fill += take * a
-                left -= take
-            total = fill + (n - 1) * P * lat
+            # F >= Σ W: the prefill crosses the hops of a path through the pieces, every decode step a cycle
+            total = _fill([(a, cap) for a, cap, _, _ in bounds], L) + path + (n - 1) * cycle
             if mb > 1:
-                # the busiest stage does at least tau, where sum_s min(cap_s, tau / a_s) = L; the last stage
-                # also receives its input and returns the token on every decode step
-                tau = _balanced_tau(bounds, L)
+                # F >= mb max W: the busiest stage does at least tau, where sum_s min(cap_s, tau / a_s) = L;
+                # the last stage also receives its input and returns the token on every decode step
+                tau = _balanced_tau([(a, cap) for a, cap, _, _ in bounds], L)
                 total = max(total, mb * max(tau, 2 * (n - 1) * lat))
+                # F = TTFT + (n - 1) TPOT, each bounded the same way on prefills and decode steps alone
+                pre = [(a_p, cap) for _, cap, a_p, _ in bounds]
+                ttft = _fill(pre, L) + path + (mb - 1) * _balanced_tau(pre, L)
+                if n > 1:
+                    dec = [(a_d, cap) for _, cap, _, a_d in bounds]
+                    tpot = max(_fill(dec, L) + cycle, mb * max(_balanced_tau(dec, L), 2 * lat))
+                    ttft += (n - 1) * tpot
+                total = max(total, ttft)
             out[(mb, b)] = total
         return out
+
+    def _hop_latencies(self, classes: tuple[int, ...]) -> tuple[float, float, float]:
+        """``(least link latency, least path, least cycle)`` between the pieces' hosts: a prefill crosses a
+        path through every piece, a decode step (with the token sent back) a cycle."""
+        key = ("hops", tuple(sorted(classes)))
+        if key not in self._busy:
+            P = len(classes)
+            if P == 1:
+                self._busy[key] = (0.0, 0.0, 0.0)
+            else:
+                link = self.sym.link
+                lat = min(link[(classes[i], classes[j])][1] for i in range(P) for j in range(P) if i != j)
+                path = cycle = INF
+                for order in set(itertools.permutations(classes)):
+                    hops = sum(link[(order[j - 1], order[j])][1] for j in range(1, P))
+                    path = min(path, hops)
+                    cycle = min(cycle, hops + link[(order[-1], order[0])][1])
+                self._busy[key] = (lat, path, cycle)
+        return self._busy[key]
 
     # ---- one footprint ----
 
@@ -179,7 +269,7 @@ class PipelineSearch:
         """Best order, shapes, layer split and microbatching for ``footprint``.
 
         None if nothing fits, or if nothing beats ``below`` (then a smaller
-        footprint's pipeline, with cycle ``below``, serves at least as well).
+        footprint's pipeline, with latency ``below``, serves at least as well).
         """
         P = len(footprint)
         if P > self.L:
@@ -188,34 +278,39 @@ class PipelineSearch:
         orders = sorted(set(itertools.permutations(footprint)))
         bounds = self.option_bounds(footprint)
         for (mb, b), bound in sorted(bounds.items(), key=lambda t: (t[1], t[0])):
-            if bound >= min(below, best.cycle_s if best else INF):
+            limit = min(below, best.cycle_s if best else INF)
+            if bound >= limit:
                 continue
-            mode = "sum" if mb == 1 else ("max" if mb == P else "pareto")
-            table = [[self.busy_vector(cls, u, mb, b, j == 0, j == P - 1,
-                                       order[j - 1][0] if j > 0 else None,
-                                       order[0][0] if (j == P - 1 and P > 1) else None)
+            table = [[self.position(cls, u, mb, b, j == 0, j == P - 1,
+                                    order[j - 1][0] if j > 0 else None,
+                                    order[0][0] if (j == P - 1 and P > 1) else None)
                       for j, (cls, u) in enumerate(order)] for order in orders]
             self.evaluated += len(orders)
-            if mode == "pareto":
-                results = [self._split_pareto(vecs, mb) for vecs in table]
+            W = [np.stack([t[j].busy for t in table]) for j in range(P)]
+            if mb == 1:
+                total, _, counts = self._split_orders(W, "sum")
+                for o in range(len(orders)):
+                    if total[o] < limit:
+                        shapes_ = [int(table[o][j].arg[counts[j, o]]) for j in range(P)]
+                        limit = float(total[o])
+                        best = self._choice(limit, orders[o], table[o], counts[:, o], shapes_, mb)
             else:
-                results = self._split_orders([np.stack([t[j][0] for t in table]) for j in range(P)], mode, mb)
-            for order, vecs, got in zip(orders, table, results):
-                if got is None:
-                    continue
-                value, counts = got
-                if best is None or value < best.cycle_s:
-                    meshes = []
-                    for (cls, u), (_, arg), l in zip(order, vecs, counts):
-                        dp, tp, _, _ = self.stage_vectors(cls, u, mb, b, False, False)[int(arg[l])]
-                        meshes.append((dp, tp))
-                    best = PipelineChoice(value, order, tuple(counts), tuple(meshes), mb)
+                got = self._best_microbatched(table, W, mb, limit, bound)
+                if got is not None:
+                    value, o, counts, shapes_ = got
+                    best = self._choice(value, orders[o], table[o], counts, shapes_, mb)
         return best if best is not None and best.cycle_s < below else None
 
-    def _split_orders(self, V: list[np.ndarray], mode: str, mb: int) -> list:
+    @staticmethod
+    def _choice(value, order, vecs, counts, shape_idx, mb) -> PipelineChoice:
+        meshes = tuple(vecs[j].meshes[s] for j, s in enumerate(shape_idx))
+        return PipelineChoice(float(value), tuple(order), tuple(int(c) for c in counts), meshes, mb)
+
+    def _split_orders(self, V: list[np.ndarray], mode: str):
         """Best split for every order at once: ``V[j]`` holds stage j's ``W`` for each order (rows).
 
-        Returns ``(C, layer counts)`` per order (None where nothing fits).
+        ``mode`` "sum" minimises ``Σ W``, "max" minimises ``max W``. Returns ``(Σ W, max W, counts)`` of
+        each order's best split (``counts[j, o]`` layers of stage j; inf where nothing fits).
         """
         L, P, O = self.L, len(V), V[0].shape[0]
         op = np.add if mode == "sum" else np.maximum
@@ -246,44 +341,139 @@ class PipelineSearch:
                 a = prev
             counts[0] = a
         busy = [V[j][rows, counts[j]] for j in range(P)]
-        total = busy[0]
-        top = busy[0]
+        total, top = busy[0], busy[0]
         for j in range(1, P):
             total = total + busy[j]
             top = np.maximum(top, busy[j])
-        value = np.maximum(total, mb * top)
-        return [(float(value[o]), [int(c) for c in counts[:, o]]) if value[o] < INF else None for o in range(O)]
+        return total, top, counts
 
-    def _split_pareto(self, vecs, mb: int):
-        """Exact split when ``1 < mb < P``: Pareto sets of (Σ W, max W) per layers placed."""
+    # ---- several microbatches: branch and bound ----
+
+    def _latency_at(self, vecs: list[Position], counts, mb: int) -> tuple[float, list[int]]:
+        """``(F, shape indices)`` of one order's split ``counts`` with its least-``W`` shapes."""
+        shape_idx = [int(v.arg[c]) for v, c in zip(vecs, counts)]
+        pre = [float(v.pre[s, c]) for v, s, c in zip(vecs, shape_idx, counts)]
+        dec = [float(v.dec[s, c]) for v, s, c in zip(vecs, shape_idx, counts)]
+        if INF in pre or INF in dec:
+            return INF, shape_idx
+        return cost.replica_times(pre, dec, mb, self.wl.output_len)[2], shape_idx
+
+    def _best_microbatched(self, table, W, mb: int, limit: float, bound: float = 0.0):
+        """``(F, order index, counts, shape indices)`` of the least latency below ``limit``, or None.
+
+        Orders go by their lower bound ``max(min Σ W, mb min max W)``; each first tries ``F`` at the
+        splits of those two DPs (with the least-``W`` shapes), then the branch and bound.
+        """
+        P, n = len(table[0]), self.wl.output_len
+        # F >= Σ p + max_k V_k with V = (mb - 1) p + (n - 1) mb d: at least min Σ p + min max V (two DPs)
+        V = [np.stack([t[j].vmin(mb, n) for t in table]) for j in range(P)]
+        _, top, splits = self._split_orders(V, "max")
+        Vp = [np.stack([t[j].pmin for t in table]) for j in range(P)]
+        total_p, _, p_counts = self._split_orders(Vp, "sum")
+        lower = np.maximum(total_p + top, bound)
+        splits = [splits, p_counts]
+        if mb < P:    # with mb = P stages, mb max W >= Σ W: the sum adds nothing to the bound
+            total, _, s_counts = self._split_orders(W, "sum")
+            lower = np.maximum(lower, total)
+            splits.append(s_counts)
+        best = None
+        for o in np.argsort(lower, kind="stable"):
+            if lower[o] >= limit:
+                break
+            for counts in splits:
+                F, shape_idx = self._latency_at(table[o], counts[:, o], mb)
+                if F < limit:
+                    limit = F
+                    best = (F, int(o), [int(c) for c in counts[:, o]], shape_idx)
+            if lower[o] >= limit:
+                continue
+            got = self._branch(table[o], mb, limit)
+            if got is not None:
+                limit = got[0]
+                best = (got[0], int(o), got[1], got[2])
+        return best
+
+    def _minplus(self, v: np.ndarray, R: np.ndarray) -> np.ndarray:
+        """``out[m] = min over l = 1..m of v[l] + R[m - l]``."""
+        cand = np.where(self._mp_ok, v[None, 1:] + R[self._mp_rest], INF)
+        return cand.min(axis=1)
+
+    def _rest_bounds(self, vecs: list[Position]):
+        """Per place j: what stages j.. add at least when they hold m layers between them (``Σ p``, ``Σ d``,
+        ``Σ W`` as exact DPs over each stage's least values), and their largest least ``p`` and ``d``."""
         L, P = self.L, len(vecs)
-        W0 = vecs[0][0]
-        F = [[[(float(W0[a]), float(W0[a]), None)] if W0[a] < INF else [] for a in range(L + 1)]]
-        for j in range(1, P):
-            W = vecs[j][0]
-            new = [[] for _ in range(L + 1)]
-            for a2 in (range(L, L + 1) if j == P - 1 else range(L + 1)):
-                cands = []
-                for a in range(a2):
-                    w = float(W[a2 - a])
-                    if w == INF:
-                        continue
-                    for k, (s, m, _) in enumerate(F[j - 1][a]):
-                        cands.append((s + w, max(m, w), (a, k)))
-                new[a2] = _pareto(cands)
-            F.append(new)
-        if not F[-1][L]:
-            return None
-        k = min(range(len(F[-1][L])), key=lambda i: max(F[-1][L][i][0], mb * F[-1][L][i][1]))
-        counts, a = [], L
-        for j in range(P - 1, 0, -1):
-            prev_a, prev_k = F[j][a][k][2]
-            counts.append(a - prev_a)
-            a, k = prev_a, prev_k
-        counts.append(a)
-        counts.reverse()
-        busy = [float(v[0][l]) for v, l in zip(vecs, counts)]
-        return cost.cycle_s(busy, mb), counts
+        key = tuple(id(v) for v in vecs[1:])     # positions are cached, so their ids are stable
+        got = self._rest.get(key)
+        if got is None:
+            none = np.full(L + 1, INF)
+            none[0] = 0.0
+            Rp, Rd, Rw = [none] * (P + 1), [none] * (P + 1), [none] * (P + 1)
+            Ap, Dp = [0.0] * (P + 1), [0.0] * (P + 1)
+            for j in range(P - 1, 0, -1):
+                v = vecs[j]
+                if j == P - 1:      # the last stage holds exactly what is left
+                    Rp[j], Rd[j], Rw[j] = (np.where(self.layers > 0, x, INF) for x in (v.pmin, v.dmin, v.busy))
+                else:
+                    Rp[j] = self._minplus(v.pmin, Rp[j + 1])
+                    Rd[j] = self._minplus(v.dmin, Rd[j + 1])
+                    Rw[j] = self._minplus(v.busy, Rw[j + 1])
+                Ap[j] = max(Ap[j + 1], float(v.pmin[1:].min()))
+                Dp[j] = max(Dp[j + 1], float(v.dmin[1:].min()))
+            got = self._rest[key] = (Rp, Rd, Rw, Ap, Dp)
+        return got
+
+    def _branch(self, vecs: list[Position], mb: int, limit: float):
+        """Exact least ``F`` of one order below ``limit``: ``(F, counts, shape indices)``, or None.
+
+        Breadth first over the stages; a partial pipeline is a state ``(layers placed, Σ p, Σ d, max p,
+        max d)`` and is kept only while its bound (it plus the least the later stages add) is below the
+        best value so far. After the last stage the bound is ``F`` itself.
+        """
+        L, P, n = self.L, len(vecs), self.wl.output_len
+        alpha, beta = mb - 1, n - 1
+        Rp, Rd, Rw, Ap, Dp = self._rest_bounds(vecs)
+        a = np.zeros(1, dtype=np.int64)
+        sp, sd, A, D = (np.zeros(1) for _ in range(4))
+        hist = np.zeros((1, 0), dtype=np.int64)
+        for j, v in enumerate(vecs):
+            q = j + 1
+            if j < P - 1:       # any (layers, shape) that fits and leaves a layer for each later stage
+                si, oi = np.nonzero(a[:, None] + v.opt_l[None, :] <= L - (P - q))
+                li, sh, p, d = v.opt_l[oi], v.opt_s[oi], v.opt_p[oi], v.opt_d[oi]
+            else:               # the last stage takes what is left, in any shape
+                S = len(v.meshes)
+                si, sh = np.repeat(np.arange(len(a)), S), np.tile(np.arange(S), len(a))
+                li = L - a[si]
+                p, d = v.pre[sh, li], v.dec[sh, li]
+            na, nsp, nA = a[si] + li, sp[si] + p, np.maximum(A[si], p)
+            m = L - na
+            AA = np.maximum(nA, Ap[q])
+            bound = nsp + Rp[q][m] + alpha * AA
+            if beta:
+                nsd, nD = sd[si] + d, np.maximum(D[si], d)
+                with np.errstate(invalid="ignore"):
+                    bound = np.maximum(bound + beta * np.maximum(nsd + Rd[q][m], mb * np.maximum(nD, Dp[q])),
+                                       nsp + beta * nsd + Rw[q][m] + alpha * AA)
+            else:
+                nsd, nD = sd[si], D[si]
+            k = np.nonzero(bound < limit)[0]
+            if not len(k):
+                return None
+            a, sp, sd, A, D, bound = na[k], nsp[k], nsd[k], nA[k], nD[k], bound[k]
+            hist = np.concatenate([hist[si[k]], np.stack([li[k], sh[k]], axis=1)], axis=1)
+        i = int(np.argmin(bound))
+        return float(bound[i]), [int(c) for c in hist[i, 0::2]], [int(c) for c in hist[i, 1::2]]
+
+
+def _fill(bounds: list[tuple[float, int]], L: int) -> float:
+    """Least ``Σ_s a_s l_s`` with ``1 <= l_s <= cap_s`` and ``Σ l_s = L``: a layer each, the rest on the cheapest."""
+    total = sum(a for a, _ in bounds)
+    left = L - len(bounds)
+    for a, cap in sorted(bounds):
+        take = min(cap - 1, left)
+        total += take * a
+        left -= take
+    return total
 
 
 def _balanced_tau(bounds: list[tuple[float, int]], L: int) -> float:
@@ -299,15 +489,3 @@ def _balanced_tau(bounds: list[tuple[float, int]], L: int) -> float:
         saturated += cap
         inv -= 1.0 / a
     return live[-1][0] * live[-1][1]
-
-
-def _pareto(cands):
-    """Non-dominated (sum, max, back) triples, ascending sum."""
-    cands.sort(key=lambda t: (t[0], t[1]))
-    out = []
-    best_max = INF
-    for c in cands:
-        if c[1] < best_max:
-            out.append(c)
-            best_max = c[1]
-    return out

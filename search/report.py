@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hexjax.plan import format_layers, format_mesh
 from hexjax.search.cost import Prediction
 
 GiB = 2**30
@@ -36,8 +37,9 @@ def stage_rows(plan, pred: Prediction, cluster) -> list[dict[str, Any]]:
     return rows
 
 
-def summary(plan, pred: Prediction, cluster) -> dict[str, Any]:
-    """JSON-ready explanation of a plan."""
+def summary(plan, pred: Prediction, cluster, search: bool = True) -> dict[str, Any]:
+    """JSON-ready explanation of a plan; ``search=False`` leaves out the search statistics saved in the
+    plan (for a plan that was loaded, not searched now)."""
     return {
         "model": plan.model, "objective": plan.objective, "cluster": cluster.name,
         "cluster_fingerprint": cluster.fingerprint(),
@@ -45,7 +47,7 @@ def summary(plan, pred: Prediction, cluster) -> dict[str, Any]:
         "devices_used": len(plan.devices), "devices_total": cluster.num_devices,
         "stages": stage_rows(plan, pred, cluster),
         "prediction": pred.to_dict(),
-        "search": (plan.prediction or {}).get("search"),
+        "search": (plan.prediction or {}).get("search") if search else None,
         "plan": plan.to_dict(),
     }
 
@@ -56,7 +58,7 @@ def table(plan, pred: Prediction, cluster, title: str | None = None):
 
     t = Table(title=title, show_lines=False, header_style="bold")
     for name, justify in (("rep", "right"), ("st", "right"), ("host (device)", "left"), ("devices", "left"),
-                          ("dp×tp", "center"), ("layers", "left"), ("prefill ms", "right"),
+                          ("mesh", "center"), ("layers", "left"), ("prefill ms", "right"),
                           ("decode ms", "right"), ("busy s", "right"), ("GiB/device", "right")):
         t.add_column(name, justify=justify, overflow="fold")
     last = None
@@ -65,15 +67,16 @@ def table(plan, pred: Prediction, cluster, title: str | None = None):
         cap = r["capacity_bytes"] / GiB
         colour = "red" if mem > cap else ("yellow" if mem > 0.9 * cap else "green")
         t.add_row(str(r["replica"]) if r["replica"] != last else "", str(r["stage"]),
-                  f"{r['host']} ({r['device']})", _devices(r["devices"]), f"{r['dp']}×{r['tp']}",
-                  f"{r['layers'][0]}-{r['layers'][1] - 1}", _ms(r["prefill_s"]), _ms(r["decode_s"]),
+                  f"{r['host']} ({r['device']})", _devices(r["devices"]), format_mesh(r["dp"], r["tp"]),
+                  format_layers(*r["layers"]), _ms(r["prefill_s"]), _ms(r["decode_s"]),
                   f"{r['busy_s']:.2f}", f"[{colour}]{mem:.1f}[/]/{cap:.1f}")
         last = r["replica"]
     return t
 
 
-def totals_text(plan, pred: Prediction, cluster) -> str:
-    """The predicted totals, one line each."""
+def totals_text(plan, pred: Prediction, cluster, search: bool = True) -> str:
+    """The predicted totals, one line each; with ``search``, also the statistics of the search that
+    made the plan (pass False for a plan that was loaded rather than searched now)."""
     wl = plan.workload
     lines = [
         f"replicas {len(plan.replicas)}, devices used {len(plan.devices)} of {cluster.num_devices}"
@@ -93,7 +96,7 @@ def totals_text(plan, pred: Prediction, cluster) -> str:
             checks.append(f"rate {wl.rate_per_s:g}/s: " + ("[green]sustained[/]" if ok else "[red]not sustained[/]"))
         if checks:
             lines.append("   ".join(checks))
-    search = (plan.prediction or {}).get("search")
+    search = (plan.prediction or {}).get("search") if search else None
     if search:
         kind = "exhaustive search" if search.get("exhaustive") else "search"
         count = search.get("replicas", search.get("candidates"))

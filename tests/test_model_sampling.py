@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hexjax.errors import ConfigError
-from hexjax.models.sampling import Sampling, filter_logits, sample, step_key
+from hexjax.models.sampling import Sampling, filter_logits, request_key, request_keys, sample, step_key
 
 
 def _oracle_filter(logits, temperature, top_k, top_p):
@@ -81,3 +81,27 @@ def test_same_seed_same_tokens_and_greedy_is_argmax():
 def test_bad_sampling_settings(kw):
     with pytest.raises(ConfigError):
         Sampling(**kw)
+
+
+def test_request_keys_one_rule_for_every_batching():
+    """Token ``step`` of request ``r`` is drawn with fold_in(step_key(seed, step), r), whether the
+    rows are sampled together with per-row keys (single-device generation) or one at a time (the
+    runtime's rows, in any replica or microbatch)."""
+    seed, step = 7, 3
+    for r in (0, 1, 5):
+        np.testing.assert_array_equal(jax.random.key_data(request_key(seed, r, step)),
+                                      jax.random.key_data(jax.random.fold_in(step_key(seed, step), r)))
+    reqs = jnp.array([4, 0, 2, 4], jnp.int32)
+    keys = request_keys(seed, reqs, step)
+    assert keys.shape == (4,)
+    np.testing.assert_array_equal(jax.random.key_data(keys[2]), jax.random.key_data(request_key(seed, 2, step)))
+    logits = jnp.asarray(np.random.default_rng(2).normal(size=(4, 64)).astype(np.float32))
+    s = Sampling(temperature=1.0, top_k=20, seed=seed)
+    together = np.asarray(sample(logits, keys, s))
+    one_by_one = [int(sample(logits[i][None], request_key(seed, reqs[i], step), s)[0]) for i in range(4)]
+    assert together.tolist() == one_by_one
+    # equal logits, same request: same token; another request or step: independent draws
+    same = jnp.broadcast_to(logits[0], (64, 64))
+    draws = np.asarray(sample(same, request_keys(seed, jnp.arange(64), step), s))
+    assert len(set(draws.tolist())) > 1
+    assert int(sample(same[:1], request_keys(seed, jnp.array([0]), step), s)[0]) == draws[0]

@@ -77,7 +77,7 @@ def one(model, *stages, fp=""):
     (one(TINY, Stage((0, 2), (0,)), Stage((3, 4), (1,))), TINY, "should start at layer 2"),
     (one(TINY, Stage((0, 0), (0,)), Stage((0, 4), (1,))), TINY, "is empty"),
     (one(TINY, Stage((0, 2), (0,)), Stage((2, 3), (1,))), TINY, "last stage must stop at 4"),
-    (one(TINY, Stage((0, 4), (0, 1, 2), 1, 2)), TINY, "a dp=1 x tp=2 mesh needs 2"),
+    (one(TINY, Stage((0, 4), (0, 1, 2), 1, 2)), TINY, "a dp1 x tp2 mesh needs 2"),
     (one(TINY, Stage((0, 4), (8,))), TINY, "do not exist"),
     (one(TINY, Stage((0, 2), (0,)), Stage((2, 4), (0,))), TINY, "device 0 is also used"),
     (one(TINY, Stage((0, 4), (3, 4), 1, 2)), TINY, "span hosts a6000, a5000"),
@@ -121,6 +121,6 @@ def test_valid_hand_plan_and_memory_check():
 def test_helpers():
     p = Plan.single_device("tiny", 4)
     p.validate(TINY, C8)
-    q = Plan.pipeline("tiny", [(0, 1, [0, 1], 1, 2), (1, 4, [4, 5], 2, 1)])
+    q = Plan("tiny", "", (Replica((Stage((0, 1), (0, 1), 1, 2), Stage((1, 4), (4, 5), 2, 1))),))
     q.validate(TINY, C8)
     assert q.devices == (0, 1, 4, 5)

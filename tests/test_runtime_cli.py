@@ -44,7 +44,7 @@ def test_dump_hlo_cli(tmp_path):
     assert res.exit_code == 0, res.output
     names = sorted(p.name for p in out.iterdir())
     assert len(names) == 2 * 2 * 4 + 1 and "summary.md" in names
-    assert "| r0.s1 | decode |" in res.output
+    assert "r0.s1" in res.output and "dp2 x tp2" in res.output and "summary.md" in res.output
 
 
 def test_generate_with_text_prompt_and_tokenizer(tmp_path):

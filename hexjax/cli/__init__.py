@@ -30,5 +30,6 @@ def main() -> None:
     except HexjaxError as e:  # expected, user-facing errors: no traceback
         from rich.console import Console
         from rich.markup import escape
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}")
+        # soft_wrap: a long message stays one line in logs and pipes (the terminal wraps it)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
         sys.exit(2)

@@ -98,12 +98,21 @@ def show(file: Path, as_json: bool = False) -> None:
         console.print(special)
 
 
-def devices() -> None:
+def devices(
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object instead of a table."),
+) -> None:
     """List the device catalogue."""
     from rich.console import Console
     from rich.table import Table
 
     from hexjax.devices import DEVICES
+
+    if as_json:
+        typer.echo(json.dumps({"devices": [
+            {"name": d.name, "kind": d.kind, "memory_bytes": d.memory_bytes, "peak_flops": d.peak_flops,
+             "memory_bandwidth_Bps": d.memory_bandwidth_Bps, "intra_bandwidth_Bps": d.intra_bandwidth_Bps,
+             "price_per_hour": d.price_per_hour} for d in DEVICES.values()]}, indent=2))
+        return
 
     table = Table(title="device catalogue (dense bf16/fp16 tensor peak; link: inside one host, per direction)")
     for col, justify in (("name", "left"), ("kind", "left"), ("memory", "right"), ("TFLOP/s", "right"),
@@ -122,7 +131,7 @@ def register(app: typer.Typer) -> None:
     @cluster_app.command("show")
     def show_command(
         file: Path = typer.Argument(..., help="Cluster TOML file, e.g. examples/clusters/hexgen-8gpu.toml."),
-        as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of tables."),
+        as_json: bool = typer.Option(False, "--json", metavar="", help="Print a JSON summary instead of tables."),
     ) -> None:
         """Show a cluster's hosts, totals and link matrix."""
         show(file, as_json)

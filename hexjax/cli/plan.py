@@ -12,10 +12,16 @@ from hexjax.errors import ConfigError
 
 
 class _DelayedProgress:
-    """A rich progress bar on stderr that appears only once a search has run for a second."""
+    """A transient rich progress bar on stderr, called as ``progress(done, total, label)``.
 
-    def __init__(self, enabled: bool, after_s: float = 1.0):
+    It appears only once the work has run for ``after_s`` seconds.  Each label
+    gets its own bar (the search's phases), or, with ``single``, one bar shows
+    the current label (the stage and phase being compiled).
+    """
+
+    def __init__(self, enabled: bool, after_s: float = 1.0, verb: str = "searching", single: bool = False):
         self.enabled, self.after_s, self.t0 = enabled, after_s, time.perf_counter()
+        self.verb, self.single = verb, single
         self.bar = None
         self.tasks: dict[str, int] = {}
 
@@ -26,18 +32,97 @@ class _DelayedProgress:
             if time.perf_counter() - self.t0 < self.after_s:
                 return
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-            self.bar = Progress(TextColumn("[bold]searching[/] {task.description}"), BarColumn(),
-                                MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True),
-                                transient=True)
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+            self.bar = Progress(TextColumn(f"[bold]{self.verb}[/] {{task.description}}"), BarColumn(),
+                                MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                                TimeRemainingColumn(), console=Console(stderr=True), transient=True)
             self.bar.start()
-        if what not in self.tasks:
-            self.tasks[what] = self.bar.add_task(what, total=total)
-        self.bar.update(self.tasks[what], completed=done, total=total)
+        key = "" if self.single else what
+        if key not in self.tasks:
+            self.tasks[key] = self.bar.add_task(what, total=total)
+        self.bar.update(self.tasks[key], completed=done, total=total, description=what)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+            self.bar = None
+
+    def __enter__(self) -> "_DelayedProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def compile_progress(enabled: bool = True) -> _DelayedProgress:
+    """The progress callback for ``verify_plan``/``dump_hlo``: one bar naming the stage and phase."""
+    return _DelayedProgress(enabled, after_s=0.0, verb="compiling", single=True)
+
+
+# ---------------------------------------------------------------- checks where user input meets the model
+
+def load_config(model: str):
+    """``ModelConfig`` for ``--model`` (preset name or Hugging Face directory), with clear errors."""
+    from hexjax.models.config import ModelConfig
+    check_model_arg(model)
+    return ModelConfig.load(model)
+
+
+def check_model_arg(model: str) -> None:
+    """Refuse an empty ``--model``, and a path-like one that does not exist (before anything reads it)."""
+    from hexjax.models.config import PRESETS
+    known = ", ".join(sorted(PRESETS))
+    if not model.strip():
+        raise ConfigError(f"--model is empty; give a preset name ({known}) or a Hugging Face model directory")
+    if ("/" in model or model.startswith((".", "~"))) and not Path(model).expanduser().exists():
+        raise ConfigError(f"--model {model}: directory {model} does not exist; give an existing Hugging Face "
+                          f"model directory (with config.json), or a preset name ({known})")
+
+
+def _longer_presets(tokens: int) -> str:
+    from hexjax.models.config import PRESETS
+    names = [n for n, c in PRESETS.items() if c.max_position_embeddings >= tokens and c.num_params > 1e9]
+    return f" (presets with room for it: {', '.join(names)})" if names else ""
+
+
+def check_context(cfg, prompt_len: int, output_len: int) -> None:
+    """Refuse a workload whose prompt plus output is longer than the model's context."""
+    total, limit = prompt_len + output_len, cfg.max_position_embeddings
+    if total > limit:
+        raise ConfigError(
+            f"prompt {prompt_len} + output {output_len} = {total} tokens, but {cfg.name} has only {limit} "
+            f"positions (max_position_embeddings); lower --prompt-len and --output-len to at most {limit} "
+            f"tokens together, or use a model with a longer context{_longer_presets(total)}")
+
+
+def output_file(path: Path | None, option: str) -> Path | None:
+    """Make sure a file can be written at ``path``: refuse a directory, create missing parents."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a directory; give a file name, e.g. {option} {path / 'plan.json'}"
+                          if option == "--out" else f"{option} {path} is a directory; give a file name")
+    _mkdir(path.parent, option, path)
+    return path
+
+
+def output_dir(path: Path, option: str = "--out") -> Path:
+    """Make sure ``path`` is a directory to write into (created with its parents if missing)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} is an existing file, not a directory; give a directory for the "
+                          f"dumps (it is created if missing), e.g. {option} hlo/")
+    _mkdir(path, option, path)
+    return path
+
+
+def _mkdir(folder: Path, option: str, given: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"{option} {given}: cannot create directory {folder}, part of its path is a file") from None
+    except OSError as e:
+        raise ConfigError(f"{option} {given}: cannot create directory {folder} ({e.strerror})") from None
 
 
 def _workload(prompt_len, output_len, batch, rate, slo_ms, base=None):
@@ -58,7 +143,7 @@ def _pictures(svg: Path | None, png: Path | None, title: str, plan, cluster, pre
     return [str(draw([(title, plan)], cluster, p, [pred])) for p in (svg, png) if p is not None]
 
 
-def _show(plan, pred, cluster, title: str, written: list[str]) -> None:
+def _show(plan, pred, cluster, title: str, written: list[str], search: bool) -> None:
     from rich.console import Console
 
     from hexjax.search.report import table, totals_text
@@ -66,7 +151,7 @@ def _show(plan, pred, cluster, title: str, written: list[str]) -> None:
     if not con.is_terminal:   # piped: do not squeeze the table into 80 columns
         con = Console(width=130)
     con.print(table(plan, pred, cluster, title=title))
-    con.print(totals_text(plan, pred, cluster))
+    con.print(totals_text(plan, pred, cluster, search=search))
     for w in written:
         con.print(f"wrote {w}")
 
@@ -76,8 +161,9 @@ def _verify(plan, cfg, cluster, wl, as_json: bool):
 
     Returns the report; its stages that do not fit are flagged in red.
     """
-    from hexjax.runtime.hlo import verify_plan
-    report = verify_plan(plan, cfg, cluster, wl)
+    from hexjax.runtime import verify_plan
+    with compile_progress(enabled=not as_json) as progress:
+        report = verify_plan(plan, cfg, cluster, wl, progress=progress)
     if not as_json:
         from rich.console import Console
         con = Console(width=130)
@@ -96,14 +182,17 @@ def _verify_json(report) -> dict:
 
 
 def _finish(plan, pred, cfg, cluster, wl, title: str, written: list[str], as_json: bool, verify: bool,
-            extra: dict | None = None) -> None:
-    """Print the plan (table or JSON), compiling it first with ``verify``; exit 1 if it does not fit."""
+            extra: dict | None = None, searched: bool = False) -> None:
+    """Print the plan (table or JSON), compiling it first with ``verify``; exit 1 if it does not fit.
+
+    ``searched``: the plan comes from a search run now, whose statistics are shown.
+    """
     from hexjax.search.report import summary
     if not as_json:
-        _show(plan, pred, cluster, title, written)
+        _show(plan, pred, cluster, title, written, searched)
     report = _verify(plan, cfg, cluster, wl, as_json) if verify else None
     if as_json:
-        d = summary(plan, pred, cluster)
+        d = summary(plan, pred, cluster, search=searched)
         d.update(extra or {})
         d["written"] = written
         if report is not None:
@@ -116,7 +205,7 @@ def _finish(plan, pred, cfg, cluster, wl, title: str, written: list[str], as_jso
 def _start_compile_devices(cluster, verify: bool) -> None:
     # the number of virtual CPU devices is fixed when JAX starts: ask for the cluster's before searching
     if verify:
-        from hexjax.runtime.hlo import compile_devices
+        from hexjax.runtime import compile_devices
         compile_devices(cluster.num_devices)
 
 
@@ -124,20 +213,19 @@ def plan_cmd(cluster_file: Path, model: str, prompt_len: int, output_len: int, b
              slo_ms: float | None, objective: str, exhaustive: bool, max_stages: int | None, out: Path | None,
              as_json: bool, svg: Path | None, png: Path | None, verify: bool = False) -> None:
     from hexjax.cluster import Cluster
-    from hexjax.models.config import ModelConfig
     from hexjax.search import cost
     from hexjax.search.planner import plan as search_plan
 
     cluster = Cluster.load(cluster_file)
-    cfg = ModelConfig.load(model)
+    cfg = load_config(model)
     wl = _workload(prompt_len, output_len, batch, rate, slo_ms)
+    check_context(cfg, wl.prompt_len, wl.output_len)
+    for path, option in ((out, "--out"), (svg, "--svg"), (png, "--png")):
+        output_file(path, option)
     _start_compile_devices(cluster, verify)
-    progress = _DelayedProgress(enabled=not as_json)
-    try:
+    with _DelayedProgress(enabled=not as_json) as progress:
         result = search_plan(cfg, cluster, wl, objective, exhaustive=exhaustive, max_stages=max_stages,
                              progress=progress)
-    finally:
-        progress.close()
     pred = cost.predict(result, cfg, cluster, wl)
     written = []
     if out is not None:
@@ -145,21 +233,38 @@ def plan_cmd(cluster_file: Path, model: str, prompt_len: int, output_len: int, b
         written.append(str(out))
     title = f"{cfg.name} on {cluster.name}: best plan for {objective}"
     written += _pictures(svg, png, title, result, cluster, pred)
-    _finish(result, pred, cfg, cluster, wl, title, written, as_json, verify)
+    _finish(result, pred, cfg, cluster, wl, title, written, as_json, verify, searched=True)
 
 
-def explain_cmd(plan_file: Path, cluster_file: Path, model: str, prompt_len: int | None, output_len: int | None,
-                batch: int | None, rate: float | None, slo_ms: float | None, as_json: bool,
+def plan_model(plan, plan_file: Path, model: str | None):
+    """The model a plan is used with: ``--model``, else the plan's own when it is a preset; checked
+    against the model the plan was made for."""
+    from hexjax.models.config import PRESETS, ModelConfig
+    if model is None:
+        if plan.model.lower() not in PRESETS:
+            raise ConfigError(f"{plan_file} was made for {plan.model}, which is not a preset; "
+                              f"pass --model with its Hugging Face directory")
+        cfg = ModelConfig.preset(plan.model)
+    else:
+        cfg = load_config(model)
+    plan.check_model(cfg, where=str(plan_file))
+    return cfg
+
+
+def explain_cmd(plan_file: Path, cluster_file: Path, model: str | None, prompt_len: int | None,
+                output_len: int | None, batch: int | None, rate: float | None, slo_ms: float | None, as_json: bool,
                 svg: Path | None, png: Path | None, verify: bool = False) -> None:
     from hexjax.cluster import Cluster
-    from hexjax.models.config import ModelConfig
     from hexjax.plan import Plan
     from hexjax.search import cost
 
     cluster = Cluster.load(cluster_file)
-    cfg = ModelConfig.load(model)
     plan = Plan.load(plan_file)
+    cfg = plan_model(plan, plan_file, model)
     wl = _workload(prompt_len, output_len, batch, rate, slo_ms, base=plan.workload)
+    check_context(cfg, wl.prompt_len, wl.output_len)
+    for path, option in ((svg, "--svg"), (png, "--png")):
+        output_file(path, option)
     _start_compile_devices(cluster, verify)
     problems = plan.violations(cfg, cluster, wl)
     if problems:
@@ -182,6 +287,10 @@ def explain_cmd(plan_file: Path, cluster_file: Path, model: str, prompt_len: int
     _finish(plan, pred, cfg, cluster, wl, title, written, as_json, verify, extra={"valid": True})
 
 
+VERIFY_HELP = ("Compile each stage ahead of time (no weights) and check XLA's per-device memory against the "
+               "devices' capacity.")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("plan")
     def plan(
@@ -193,14 +302,14 @@ def register(app: typer.Typer) -> None:
         rate: float | None = typer.Option(None, "--rate", help="Requests/s the plan must sustain (cost objective)."),
         slo_ms: float | None = typer.Option(None, "--slo-ms", help="Bound on end-to-end latency, milliseconds."),
         objective: str = typer.Option("latency", "--objective", help="latency, throughput or cost."),
-        exhaustive: bool = typer.Option(False, "--exhaustive", help="Enumerate every plan (about ten devices at most)."),
+        exhaustive: bool = typer.Option(False, "--exhaustive", metavar="",
+                                        help="Enumerate every plan (about ten devices at most)."),
         max_stages: int | None = typer.Option(None, "--max-stages", help="Longest pipeline (default: automatic)."),
         out: Path | None = typer.Option(None, "--out", help="Write the plan JSON here."),
-        as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+        as_json: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object."),
         svg: Path | None = typer.Option(None, "--svg", help="Draw the plan to this SVG file."),
         png: Path | None = typer.Option(None, "--png", help="Draw the plan to this PNG file."),
-        verify: bool = typer.Option(False, "--verify", help="Compile each stage ahead of time (no weights) and "
-                                    "check XLA's per-device memory against the devices' capacity."),
+        verify: bool = typer.Option(False, "--verify/--no-verify", metavar="", help=VERIFY_HELP),
     ) -> None:
         """Search the best plan for a model, a cluster and a workload."""
         plan_cmd(cluster, model, prompt_len, output_len, batch, rate, slo_ms, objective, exhaustive, max_stages,
@@ -210,17 +319,17 @@ def register(app: typer.Typer) -> None:
     def explain(
         plan_file: Path = typer.Argument(..., help="Plan JSON (from `hexjax plan` or written by hand)."),
         cluster: Path = typer.Option(..., "--cluster", help="Cluster TOML file."),
-        model: str = typer.Option(..., "--model", help="Preset name or Hugging Face model directory."),
+        model: str | None = typer.Option(
+            None, "--model", help="Preset name or Hugging Face model directory (default: the plan's, if a preset)."),
         prompt_len: int | None = typer.Option(None, "--prompt-len", help="Prompt tokens (default: the plan's)."),
         output_len: int | None = typer.Option(None, "--output-len", help="Generated tokens (default: the plan's)."),
         batch: int | None = typer.Option(None, "--batch", help="Requests in flight per replica (default: the plan's)."),
         rate: float | None = typer.Option(None, "--rate", help="Requests/s to check against."),
         slo_ms: float | None = typer.Option(None, "--slo-ms", help="Latency bound to check, milliseconds."),
-        as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+        as_json: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object."),
         svg: Path | None = typer.Option(None, "--svg", help="Draw the plan to this SVG file."),
         png: Path | None = typer.Option(None, "--png", help="Draw the plan to this PNG file."),
-        verify: bool = typer.Option(False, "--verify", help="Compile each stage ahead of time (no weights) and "
-                                    "check XLA's per-device memory against the devices' capacity."),
+        verify: bool = typer.Option(False, "--verify/--no-verify", metavar="", help=VERIFY_HELP),
     ) -> None:
         """Predict time and memory of any plan, and list every rule an invalid one breaks."""
         explain_cmd(plan_file, cluster, model, prompt_len, output_len, batch, rate, slo_ms, as_json, svg, png,

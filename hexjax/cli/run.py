@@ -12,10 +12,13 @@ from pathlib import Path
 import typer
 
 from hexjax.errors import ConfigError
+from hexjax.plan import format_layers, format_mesh
 
 
 def load_model(name_or_dir: str, dtype: str, seed: int = 0):
     """A loaded checkpoint for a directory, or random weights for a preset name: (model, is_random)."""
+    from hexjax.cli.plan import check_model_arg
+    check_model_arg(name_or_dir)
     path = Path(name_or_dir)
     if path.is_dir():
         from hexjax.models.hf import load_hf
@@ -53,9 +56,11 @@ def _tokenizer(model_dir: str):
         raise ConfigError(f"{path}: no usable tokenizer ({e}); pass --prompt-ids instead") from None
 
 
-def _load_plan(plan_file: Path, cluster_file: Path | None, cfg):
+def _load_plan(plan_file: Path, cluster_file: Path | None, cfg, plan=None):
+    """The plan (loaded unless given), checked against ``cfg``, and the cluster if one is given."""
     from hexjax.plan import Plan
-    plan = Plan.load(plan_file)
+    plan = plan or Plan.load(plan_file)
+    plan.check_model(cfg, where=str(plan_file))
     cluster = None
     if cluster_file is not None:
         from hexjax.cluster import Cluster
@@ -70,7 +75,7 @@ def _plan_device_count(plan) -> int:
 
 def generate_cmd(model: str, plan_file: Path, cluster_file: Path | None, virtual_devices: int | None,
                  prompt_ids: list[str], prompt: list[str], max_new_tokens: int, temperature: float,
-                 top_k: int, top_p: float, seed: int, dtype: str, check: bool, as_json: bool,
+                 top_k: int, top_p: float, seed: int, dtype: str | None, check: bool, as_json: bool,
                  eos_id: int | None = None) -> dict:
     if virtual_devices:
         from hexjax.runtime.devices import use_virtual_cpu_devices
@@ -78,17 +83,23 @@ def generate_cmd(model: str, plan_file: Path, cluster_file: Path | None, virtual
     if bool(prompt_ids) == bool(prompt):
         raise ConfigError("give the prompts either as --prompt-ids 1,2,3 or as --prompt TEXT (repeat for a batch)")
     from hexjax.models.sampling import Sampling
-    from hexjax.runtime.generation import RunOptions, run_plan
+    from hexjax.runtime.generation import RunOptions, prepare_run, run_plan
 
-    lm, random_weights = load_model(model, dtype)
+    from hexjax.cli.plan import load_config
+    # the plan and the prompts are checked against the model's config before any weights are read
+    cfg = load_config(model)
+    plan, cluster = _load_plan(plan_file, cluster_file, cfg)
     tok = _tokenizer(model) if prompt else None
     prompts = [parse_ids(p) for p in prompt_ids] if prompt_ids else \
         [tok(p, add_special_tokens=True)["input_ids"] for p in prompt]
-    plan, cluster = _load_plan(plan_file, cluster_file, lm.cfg)
+    _check_generation_context(cfg, prompts, max_new_tokens)
+    options = RunOptions(dtype=dtype, platform="cpu" if virtual_devices else None)
+    # the run is laid out and its memory checked before any weights are read
+    prepared = prepare_run(cfg, plan, prompts, max_new_tokens, cluster=cluster, options=options)
+    lm, random_weights = load_model(model, prepared.dtype)
     sampling = Sampling(temperature, top_k, top_p, seed)
     if eos_id is None and tok is not None:
         eos_id = tok.eos_token_id
-    options = RunOptions(dtype=dtype, platform="cpu" if virtual_devices else None)
     res = run_plan(lm, plan, prompts, max_new_tokens, sampling, cluster=cluster, options=options, eos_id=eos_id)
     out = {
         "model": lm.cfg.name, "random_weights": random_weights, "plan": str(plan_file),
@@ -108,10 +119,11 @@ def generate_cmd(model: str, plan_file: Path, cluster_file: Path | None, virtual
         from rich.console import Console
         con = Console()
         note = " (random weights)" if random_weights else ""
-        con.print(f"[bold]{lm.cfg.name}[/]{note} through {plan_file}: "
-                  f"{len(plan.replicas)} replica(s), stages "
-                  + " | ".join("+".join(f"{s.layers[0]}-{s.layers[1] - 1}@tp{s.tp}" + (f"xdp{s.dp}" if s.dp > 1 else "")
-                                        for s in r.stages) for r in plan.replicas))
+        con.print(f"[bold]{lm.cfg.name}[/]{note} through {plan_file}: {len(plan.replicas)} replica(s)",
+                  highlight=False)
+        for ri, r in enumerate(plan.replicas):
+            con.print(f"  replica {ri}: layers " + " -> ".join(
+                f"{format_layers(*s.layers)} on {format_mesh(s.dp, s.tp)}" for s in r.stages), highlight=False)
         for i, t in enumerate(res.tokens):
             line = f"[{i}] {prompts[i]} -> {t}"
             if tok is not None:
@@ -127,28 +139,100 @@ def generate_cmd(model: str, plan_file: Path, cluster_file: Path | None, virtual
     return out
 
 
-def dump_hlo_cmd(model: str, plan_file: Path, cluster_file: Path | None, out_dir: Path,
+def _check_generation_context(cfg, prompts: list[list[int]], max_new_tokens: int) -> None:
+    longest = max(map(len, prompts))
+    total, limit = longest + max_new_tokens, cfg.max_position_embeddings
+    if total > limit:
+        raise ConfigError(
+            f"the longest prompt ({longest} tokens) + --max-new-tokens {max_new_tokens} = {total} tokens, but "
+            f"{cfg.name} has only {limit} positions (max_position_embeddings); shorten the prompt or lower "
+            f"--max-new-tokens so that they add up to at most {limit}")
+
+
+def dump_hlo_cmd(model: str | None, plan_file: Path, cluster_file: Path | None, out_dir: Path,
                  virtual_devices: int | None, batch: int | None, prompt_len: int | None,
-                 output_len: int | None, dtype: str | None) -> None:
-    from hexjax.models.config import ModelConfig
+                 output_len: int | None, dtype: str | None, as_json: bool = False) -> dict:
+    from hexjax.cli.plan import check_context, compile_progress, output_dir, plan_model
+    from hexjax.plan import Plan
     if virtual_devices:
         from hexjax.runtime.devices import use_virtual_cpu_devices
         use_virtual_cpu_devices(virtual_devices)
-    cfg = ModelConfig.load(model)
-    plan, cluster = _load_plan(plan_file, cluster_file, cfg)
-    if not virtual_devices:
-        # a plan for a cluster one does not have compiles on virtual CPU devices
-        from hexjax.runtime.hlo import compile_devices
-        compile_devices(_plan_device_count(plan))
-    from hexjax.runtime.hlo import dump_hlo, plan_dtype
+    plan = Plan.load(plan_file)
+    cfg = plan_model(plan, plan_file, model)
+    plan, cluster = _load_plan(plan_file, cluster_file, cfg, plan)
     from hexjax.workload import Workload
     base = getattr(plan, "workload", None)
     wl = Workload(prompt_len=prompt_len or (base.prompt_len if base else 128),
                   output_len=output_len or (base.output_len if base else 128),
                   batch=batch or (base.batch if base else 1))
-    compiles = dump_hlo(plan, cfg, wl, out_dir, cluster=cluster, dtype=dtype or plan_dtype(plan))
-    typer.echo((out_dir / "summary.md").read_text())
-    typer.echo(f"wrote {4 * len(compiles) + 1} files to {out_dir}")
+    check_context(cfg, wl.prompt_len, wl.output_len)
+    output_dir(out_dir)
+    if not virtual_devices:
+        # a plan for a cluster one does not have compiles on virtual CPU devices
+        from hexjax.runtime import compile_devices
+        compile_devices(_plan_device_count(plan))
+    from hexjax.runtime import dump_hlo, plan_dtype
+    dtype = dtype or plan_dtype(plan)
+    with compile_progress(enabled=not as_json) as progress:
+        compiles = dump_hlo(plan, cfg, wl, out_dir, cluster=cluster, dtype=dtype, progress=progress)
+    files = {c.name: sorted(p.name for p in out_dir.glob(f"{c.name}.*")) for c in compiles}
+    summary_md = out_dir / "summary.md"
+    out = {
+        "model": cfg.name, "plan": str(plan_file), "out_dir": str(out_dir), "dtype": dtype,
+        "workload": wl.to_dict(), "summary": str(summary_md),
+        "compiles": [dict(_compile_fields(c), files=files[c.name]) for c in compiles],
+        "files": sorted(p.name for p in out_dir.iterdir()),
+    }
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return out
+    _show_compiles(compiles, cfg, wl, dtype, out_dir, files)
+    return out
+
+
+_TEXT_FIELDS = ("stablehlo", "hlo", "cost", "memory")
+
+
+def _compile_fields(c) -> dict:
+    """A ``StageCompile``'s figures for JSON (without the program texts and raw analyses)."""
+    import dataclasses
+    d = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name not in _TEXT_FIELDS}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _show_compiles(compiles, cfg, wl, dtype: str, out_dir: Path, files: dict[str, list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from hexjax.models.config import format_bytes
+    con = Console()
+    if not con.is_terminal:
+        con = Console(width=130)
+    t = Table(title=f"{cfg.name}: XLA's compiled programs, per device (batch {wl.batch}, prompt {wl.prompt_len}, "
+                    f"output {wl.output_len}, {dtype})", header_style="bold")
+    for col, justify in (("stage", "left"), ("phase", "left"), ("layers", "left"), ("mesh", "center"),
+                         ("XLA FLOPs", "right"), ("XLA args", "right"), ("XLA peak", "right"),
+                         ("compile s", "right")):
+        t.add_column(col, justify=justify)
+    for c in compiles:
+        t.add_row(f"r{c.replica}.s{c.stage}", c.phase, format_layers(*c.layers), format_mesh(c.dp, c.tp),
+                  _si(c.flops), format_bytes(c.argument_bytes), format_bytes(c.peak_bytes),
+                  f"{c.compile_s:.1f}")
+    con.print(t)
+    total = sum(map(len, files.values())) + 1
+    con.print(f"wrote {total} files to {out_dir}:", highlight=False, soft_wrap=True)
+    con.print("  summary.md  XLA's FLOPs and memory beside the cost model's predictions, with ratios",
+              highlight=False, soft_wrap=True)
+    for name, got in files.items():
+        suffixes = ",".join(f.removeprefix(name + ".") for f in got)
+        con.print(f"  {name}.{{{suffixes}}}", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -168,9 +252,10 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Sampling seed."),
         eos_id: int | None = typer.Option(
             None, "--eos-id", help="End a sequence after this token (default: the tokenizer's end token with --prompt)."),
-        dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
-        check: bool = typer.Option(False, "--check", help="Also run single-device generation and compare tokens."),
-        as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+        dtype: str | None = typer.Option(None, "--dtype", help="float32 or bfloat16 (default: the plan's)."),
+        check: bool = typer.Option(False, "--check", metavar="",
+                                   help="Also run single-device generation and compare tokens."),
+        as_json: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object."),
     ) -> None:
         """Generate tokens through a plan's replicas and pipeline stages."""
         generate_cmd(model, plan, cluster, virtual_devices, prompt_ids, prompt, max_new_tokens, temperature,
@@ -178,7 +263,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("dump-hlo")
     def dump_hlo(
-        model: str = typer.Option(..., "--model", help="Preset name or Hugging Face model directory (config only)."),
+        model: str | None = typer.Option(
+            None, "--model", help="Preset name or Hugging Face model directory, config only (default: the plan's, "
+                                  "if a preset)."),
         plan: Path = typer.Option(..., "--plan", help="Plan JSON."),
         out: Path = typer.Option(..., "--out", help="Directory for the dumps and summary.md."),
         cluster: Path | None = typer.Option(None, "--cluster", help="Cluster TOML (for the cost model's predictions)."),
@@ -187,9 +274,21 @@ def register(app: typer.Typer) -> None:
         prompt_len: int | None = typer.Option(None, "--prompt-len", help="Prompt tokens (default: the plan's workload)."),
         output_len: int | None = typer.Option(None, "--output-len", help="New tokens (default: the plan's workload)."),
         dtype: str | None = typer.Option(None, "--dtype", help="Parameter and cache dtype (default: the plan's)."),
+        as_json: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object."),
     ) -> None:
         """Compile every stage of a plan (no weights) and dump StableHLO, HLO and XLA's analyses."""
-        dump_hlo_cmd(model, plan, cluster, out, virtual_devices, batch, prompt_len, output_len, dtype)
+        dump_hlo_cmd(model, plan, cluster, out, virtual_devices, batch, prompt_len, output_len, dtype, as_json)
+
+
+def simulated_stage_rows(run) -> list[dict]:
+    """One dict per stage of a ``SimulatedRun``'s plan, with the cost model's memory per device."""
+    rows = []
+    for ri, (rep, rp) in enumerate(zip(run.plan.replicas, run.prediction.replicas)):
+        for si, (st, sp) in enumerate(zip(rep.stages, rp.stages)):
+            rows.append({"replica": ri, "stage": si, "layers": list(st.layers), "dp": st.dp, "tp": st.tp,
+                         "devices": list(st.devices), "device": run.cluster.device(st.devices[0]).name,
+                         "memory_bytes": sp.memory_bytes})
+    return rows
 
 
 def show_simulated_run(run, console=None, title: str = "", max_rows: int = 4) -> None:
@@ -198,15 +297,15 @@ def show_simulated_run(run, console=None, title: str = "", max_rows: int = 4) ->
     from rich.table import Table
 
     from hexjax.models.config import format_bytes
-    from hexjax.runtime.simulate import describe_stages
 
     console = console or Console()
     table = Table(title=title or f"plan on {run.cluster.name}")
     for col in ("stage", "layers", "mesh", "devices", "device type", "predicted memory / device"):
         table.add_column(col, justify="right" if col.startswith("predicted") else "left")
-    mem = [s.memory_bytes for r in run.prediction.replicas for s in r.stages]
-    for row, m in zip(describe_stages(run.plan, run.cluster), mem):
-        table.add_row(*row, format_bytes(m))
+    for row in simulated_stage_rows(run):
+        table.add_row(f"r{row['replica']}.s{row['stage']}", format_layers(*row["layers"]),
+                      format_mesh(row["dp"], row["tp"]), ",".join(map(str, row["devices"])), row["device"],
+                      format_bytes(row["memory_bytes"]))
     console.print(table)
     tokens = Table(title="tokens")
     tokens.add_column("request")

@@ -127,10 +127,17 @@ class ModelConfig:
     def preset(name: str) -> "ModelConfig":
         key = name.lower()
         if key not in PRESETS:
+            known = ", ".join(sorted(PRESETS))
+            if not name.strip():
+                raise ConfigError(f"the model name is empty; give a preset name ({known}) "
+                                  "or a Hugging Face model directory")
+            if "/" in name or "\\" in name or name.startswith((".", "~")):
+                raise ConfigError(f"model directory {name} does not exist; give an existing Hugging Face model "
+                                  f"directory (with config.json), or a preset name ({known})")
             import difflib
             close = difflib.get_close_matches(key, PRESETS, n=3, cutoff=0.4)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(f"unknown model preset {name!r}.{hint} Known presets: {', '.join(sorted(PRESETS))}")
+            raise ConfigError(f"unknown model preset {name!r}.{hint} Known presets: {known}")
         return PRESETS[key]
 
     @staticmethod
@@ -149,8 +156,12 @@ class ModelConfig:
         else:
             path = Path(path)
             file = path / "config.json" if path.is_dir() else path
+            if not path.exists():
+                raise ConfigError(f"model directory {path} does not exist; give an existing Hugging Face model "
+                                  f"directory (with config.json), or a preset name ({', '.join(sorted(PRESETS))})")
             if not file.exists():
-                raise ConfigError(f"{file}: no config.json found; pass a Hugging Face model directory")
+                raise ConfigError(f"{path}: no config.json in this directory; give a Hugging Face model directory "
+                                  f"(with config.json), or a preset name ({', '.join(sorted(PRESETS))})")
             try:
                 d = json.loads(file.read_text())
             except json.JSONDecodeError as e:

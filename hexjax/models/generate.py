@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hexjax.errors import ConfigError
 from hexjax.models.config import ModelConfig
 from hexjax.models.llama import LlamaStage, init_cache
-from hexjax.models.sampling import Sampling, sample, step_key
+from hexjax.models.prompts import check_prompts, cut_at_eos
+from hexjax.models.sampling import Sampling, request_keys, sample
 
 # prompt lengths are padded up to a multiple of this so that nearby lengths share a compile
 PROMPT_BUCKET = 16
@@ -30,8 +30,8 @@ class Programs(NamedTuple):
 
 
 def _row_keys(seed: int, step, batch: int) -> jax.Array:
-    # every row uses step_key(seed, step): a prompt gets the same tokens alone or batched
-    return jnp.broadcast_to(step_key(seed, step), (batch,))
+    # row b is request b (prompts[b]): request_key(seed, b, step), the runtime's rule for every plan
+    return request_keys(seed, jnp.arange(batch, dtype=jnp.int32), step)
 
 
 @functools.lru_cache(maxsize=32)
@@ -70,41 +70,30 @@ def programs(cfg: ModelConfig, sampling: Sampling, dtype: Any = jnp.float32,
                     jax.jit(decode, donate_argnums=3, static_argnums=4))
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int,
+def pad_prompts(prompts: Sequence[Sequence[int]], *,
                 bucket: int = PROMPT_BUCKET) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded token matrix [B, S] (S a multiple of ``bucket``) and lengths [B]."""
-    if not prompts:
-        raise ConfigError("generate: no prompts given")
+    """Right-padded token matrix [B, S] (S a multiple of ``bucket``) and lengths [B] of
+    prompts already checked by ``check_prompts``."""
     lengths = np.array([len(p) for p in prompts], np.int32)
-    if lengths.min() == 0:
-        raise ConfigError(f"generate: prompt {int(np.argmin(lengths))} is empty; every prompt needs a token")
     s = -(-int(lengths.max()) // bucket) * bucket
     tokens = np.zeros((len(prompts), s), np.int32)
     for b, p in enumerate(prompts):
-        row = np.asarray(p, np.int64)
-        if row.min() < 0 or row.max() >= vocab_size:
-            raise ConfigError(f"generate: prompt {b} has token ids outside [0, {vocab_size})")
-        tokens[b, :len(p)] = row
+        tokens[b, :len(p)] = p
     return tokens, lengths
 
 
 def generate(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              sampling: Sampling = Sampling(), *, dtype: Any = jnp.float32, cache_dtype: Any = None,
              eos_id: int | None = None) -> list[list[int]]:
-    """New tokens for each prompt (up to ``max_new_tokens``; cut after ``eos_id`` when given)."""
-    if max_new_tokens <= 0:
-        raise ConfigError(f"generate: max_new_tokens must be positive, got {max_new_tokens}")
-    tokens, lengths = pad_prompts(prompts, cfg.vocab_size)
-    needed = int(lengths.max()) + max_new_tokens
-    if needed > cfg.max_position_embeddings:
-        raise ConfigError(
-            f"generate: the longest prompt ({int(lengths.max())}) plus max_new_tokens ({max_new_tokens}) "
-            f"exceeds the model's max_position_embeddings ({cfg.max_position_embeddings})")
+    """New tokens for each prompt (up to ``max_new_tokens``; cut after ``eos_id`` when given).
+
+    Sampled tokens of ``prompts[r]`` are drawn with ``request_key(sampling.seed, r, step)``,
+    as every plan of the runtime draws them, so both give the same tokens for a seed.
+    """
+    prompts = check_prompts(prompts, cfg, max_new_tokens)
+    tokens, lengths = pad_prompts(prompts)
     prog = programs(cfg, sampling, dtype, eos_id)
     cache = init_cache(cfg, len(prompts), tokens.shape[1] + max_new_tokens, dtype=cache_dtype or dtype)
     first, cache = prog.prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), cache)
     out, _, _ = prog.decode(params, first, jnp.asarray(lengths), cache, max_new_tokens)
-    result = np.asarray(out).tolist()
-    if eos_id is not None:
-        result = [row[:row.index(eos_id) + 1] if eos_id in row else row for row in result]
-    return result
+    return cut_at_eos(np.asarray(out).tolist(), eos_id)

@@ -268,12 +268,18 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, layer_cache):
+        # named scopes put the block names into HLO dumps and profiles
         c = self.cfg
-        a, new_cache = Attention(c, self.dtype, self.param_dtype, self.attention_fn, name="attn")(
-            RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="attn_norm")(x), positions, layer_cache)
+        with jax.named_scope("attn_norm"):
+            y = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="attn_norm")(x)
+        with jax.named_scope("attention"):
+            a, new_cache = Attention(c, self.dtype, self.param_dtype, self.attention_fn, name="attn")(
+                y, positions, layer_cache)
         x = x + a
-        x = x + MLP(c, self.dtype, self.param_dtype, name="mlp")(
-            RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="mlp_norm")(x))
+        with jax.named_scope("mlp_norm"):
+            y = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="mlp_norm")(x)
+        with jax.named_scope("mlp"):
+            x = x + MLP(c, self.dtype, self.param_dtype, name="mlp")(y)
         return x, new_cache
 
 
@@ -315,19 +321,22 @@ class LlamaStage(nn.Module):
         embed = None
         if self.embed or (self.head and c.tie_word_embeddings):
             embed = Embed(c.vocab_size, c.hidden_size, dt, pdt, name="embed")
-        h = embed(x) if self.embed else x.astype(dt)
+        with jax.named_scope("embed"):
+            h = embed(x) if self.embed else x.astype(dt)
         new_cache = []
         for local, i in enumerate(layers):
-            h, lc = DecoderLayer(c, dt, pdt, self.attention_fn, name=f"layer_{i}")(
-                h, positions, None if cache is None else cache[local])
+            with jax.named_scope(f"layer_{i}"):
+                h, lc = DecoderLayer(c, dt, pdt, self.attention_fn, name=f"layer_{i}")(
+                    h, positions, None if cache is None else cache[local])
             new_cache.append(lc)
         new_cache = None if cache is None else tuple(new_cache)
         if not self.head:
             return h, new_cache
         if logits_index is not None:
             h = jnp.take_along_axis(h, logits_index[:, None, None].astype(jnp.int32), axis=1)
-        h = RMSNorm(c.rms_norm_eps, dt, pdt, name="final_norm")(h)
-        logits = embed.attend(h) if c.tie_word_embeddings else LMHead(c.vocab_size, dt, pdt, name="lm_head")(h)
+        with jax.named_scope("head"):
+            h = RMSNorm(c.rms_norm_eps, dt, pdt, name="final_norm")(h)
+            logits = embed.attend(h) if c.tie_word_embeddings else LMHead(c.vocab_size, dt, pdt, name="lm_head")(h)
         if logits_index is not None:
             logits = logits[:, 0]
         return logits, new_cache
@@ -369,7 +378,15 @@ def init_params(stage: LlamaStage, key: jax.Array | int) -> dict:
         rng = np.random.default_rng([*words, zlib.crc32("/".join(names).encode())])
         return jnp.asarray((0.02 * rng.standard_normal(leaf.shape, np.float32)).astype(dt))
 
-    return jax.tree_util.tree_map_with_path(draw, abstract_params(stage))
+    shapes = abstract_params(stage)
+    from hexjax.host import require_host_bytes
+    # the largest leaf is also drawn in float32 before the cast
+    nbytes = sum(a.size * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(shapes))
+    require_host_bytes(nbytes + max(a.size * 4 for a in jax.tree.leaves(shapes)),
+                       f"drawing random weights for {stage.cfg.name or 'the model'}",
+                       "use a smaller preset (hexjax.ModelConfig.preset), or load a checkpoint on a machine "
+                       "with more memory")
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def abstract_params(stage: LlamaStage) -> dict:

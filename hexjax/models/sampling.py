@@ -21,7 +21,8 @@ class Sampling:
     top_p: float = 1.0
     """Keep the smallest set of most likely tokens whose probability reaches top_p; 1 turns it off."""
     seed: int = 0
-    """Seed of the random stream; step ``i`` uses ``step_key(seed, i)``."""
+    """Seed of the random stream: token ``step`` of request ``r`` (the prompt's index in the call)
+    is drawn with ``request_key(seed, r, step)``."""
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -43,6 +44,22 @@ def step_key(seed: int | jax.Array, step: int | jax.Array) -> jax.Array:
     does not depend on how the steps were split into calls or pipelined.
     """
     return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def request_key(seed: int | jax.Array, request: int | jax.Array, step: int | jax.Array) -> jax.Array:
+    """The random key of generated token ``step`` of request ``request``.
+
+    ``fold_in(step_key(seed, step), request)``, with ``request`` the prompt's
+    index in the call (``prompts[request]``).  Single-device generation and
+    every plan of the runtime use it, so a seed gives the same sampled tokens
+    whichever replica, microbatch or row serves a request.
+    """
+    return jax.random.fold_in(step_key(seed, step), request)
+
+
+def request_keys(seed: int | jax.Array, requests: jax.Array, step: int | jax.Array) -> jax.Array:
+    """``request_key`` of each of ``requests`` [B] for one ``step``: keys [B] for ``sample``."""
+    return jax.vmap(lambda r: request_key(seed, r, step))(jnp.asarray(requests, jnp.int32))
 
 
 def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:

@@ -1,10 +1,10 @@
-"""Page allocator for the paged KV cache of one replica.
+"""Page allocator for the paged KV cache of one pipeline stage.
 
-Every stage of a replica holds its slice of the cache as pages of the same
-size and count, so one allocator per replica decides, for all its stages,
-which pages a sequence owns.  When a stage shards its batch over ``dp``
-groups, the page pool is cut into ``num_shards`` equal ranges and a sequence
-takes pages only from the range of the group that serves it.  The first page
+Each stage of a replica has its own page pool (its layers' keys and values)
+and its own allocator, which decides which of its pages a sequence owns.
+When a stage shards its batch over ``dp`` groups, the pool is cut into
+``num_shards`` equal ranges and a sequence takes pages only from the range of
+the group that serves it at that stage.  The first page
 of every range is reserved: block-table slots a sequence has not been given
 point there, so writes of padding tokens land somewhere harmless and no read
 ever looks at it (reads stop at each sequence's length).
@@ -70,10 +70,6 @@ class PageAllocator:
         if shard is None:
             return sum(len(f) for f in self._free)
         return len(self._free[shard])
-
-    def capacity_tokens(self, shard: int = 0) -> int:
-        """Tokens one range can hold when empty."""
-        return (self.pages_per_shard - 1) * self.page_size
 
     def tokens(self, seq) -> int:
         """Tokens sequence ``seq`` has room for."""

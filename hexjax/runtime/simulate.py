@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from hexjax.models.config import ModelConfig
+from hexjax.plan import format_layers, format_mesh
 
 HEXGEN_8GPU = {
     "name": "hexgen-8gpu",
@@ -114,8 +115,9 @@ def plan_and_run(model: str = "small", *, cluster=None, objective: str = "throug
     cfg = ModelConfig.preset(model)
     base = cluster or example_cluster()
     workload = Workload(prompt_len=prompt_len, output_len=max_new_tokens, batch=batch)
-    target = miniature(base, cfg, workload) if shrink else base
-    plan = search.plan(cfg, target, workload, objective=objective)
+    # float32 on CPU devices, so the check against one device is exact
+    target = miniature(base, cfg, workload, dtype_bytes=4) if shrink else base
+    plan = search.plan(cfg, target, workload, objective=objective, dtype_bytes=4)
     prediction = search.evaluate(plan, cfg, target, workload)
     lm = LlamaModel.random(cfg, seed=seed)
     rng = np.random.default_rng(seed)
@@ -147,8 +149,8 @@ def describe_stages(plan, cluster=None) -> list[tuple[str, ...]]:
     for ri, rep in enumerate(plan.replicas):
         for si, st in enumerate(rep.stages):
             kind = cluster.device(st.devices[0]).name if cluster is not None else ""
-            rows.append((f"r{ri}.s{si}", f"{st.layers[0]}-{st.layers[1] - 1} ({st.num_layers})",
-                         f"dp{st.dp} x tp{st.tp}", ",".join(map(str, st.devices)), kind))
+            rows.append((f"r{ri}.s{si}", format_layers(*st.layers), format_mesh(st.dp, st.tp),
+                         ",".join(map(str, st.devices)), kind))
     return rows
 
 

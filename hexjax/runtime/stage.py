@@ -50,7 +50,7 @@ class StageKind:
     dtype: str = "float32"
     """Parameter, activation and KV-cache dtype."""
     attention_impl: str = "auto"
-    """Kernel choice passed to ``hexjax.kernels`` ("auto": Pallas on GPU, jnp elsewhere)."""
+    """Kernel choice, resolved by ``hexjax.kernels.dispatch.stage_kernels`` for the mesh's platform."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,27 +76,6 @@ def stage_module(kind: StageKind, attention_fn=None):
                       dtype=dt, param_dtype=dt, attention_fn=attention_fn)
 
 
-def _kernels(impl: str, head_dim: int, platform: str):
-    """(write_kv, attention, decode_attention) for ``impl`` on devices of ``platform``.
-
-    "auto" takes the Pallas kernels on GPUs for the head dims they support,
-    and the plain-jnp references otherwise (CPU devices, small test models).
-    """
-    from hexjax import kernels
-    from hexjax.kernels import dispatch, shapes
-    if impl not in dispatch.IMPLS:
-        raise ValueError(f"attention_impl={impl!r} is not one of {dispatch.IMPLS}")
-    gpu = platform in ("gpu", "cuda", "rocm")
-    if impl == "xla" or (impl == "auto" and (not gpu or head_dim not in shapes.SUPPORTED_HEAD_DIMS)):
-        return (kernels.write_kv_reference,
-                lambda q, k, v: kernels.flash_attention_reference(q, k, v, causal=True),
-                kernels.paged_attention_reference)
-    impl = "pallas"   # interpret mode off GPU, for tests
-    return (functools.partial(kernels.write_kv, impl=impl),
-            lambda q, k, v: kernels.attention(q, k, v, causal=True, impl=impl),
-            functools.partial(kernels.decode_attention, impl=impl))
-
-
 def _local_attention(kind: StageKind, mesh, num_pages: int, phase: str):
     """Attention with the paged cache, run per device on its own heads, rows and pages.
 
@@ -111,9 +90,11 @@ def _local_attention(kind: StageKind, mesh, num_pages: int, phase: str):
     Returns ``fn(block_tables, q, k, v, k_pages, v_pages, positions) -> (out, k_pages, v_pages)``
     with q [B,S,Hq,D], k/v [B,S,Hkv,D], positions [B] (of the first token).
     """
+    from hexjax.kernels.dispatch import stage_kernels
     cfg, dp, tp = kind.cfg, kind.dp, kind.tp
-    write_kv, attention, decode_attention = _kernels(kind.attention_impl, cfg.head_dim,
-                                                     mesh.devices.flat[0].platform)
+    device = mesh.devices.flat[0]
+    write_kv, attention, decode_attention = stage_kernels(kind.attention_impl, cfg.head_dim, device.platform,
+                                                          device_kind=device.device_kind)
     kv_split = cfg.num_kv_heads % tp == 0
     kv_axis = "tp" if kv_split else None
     group = tp // cfg.num_kv_heads if not kv_split else 1   # tp ranks sharing one replicated KV head

@@ -124,7 +124,7 @@ def main() -> None:
 
         # hexjax's phases on their own: prefill, then the one-program decode loop
         prog = programs(cfg, Sampling(), jnp.float32, None)
-        toks, lengths = pad_prompts(prompts.tolist(), cfg.vocab_size)
+        toks, lengths = pad_prompts(prompts.tolist())
         toks, lengths = jnp.asarray(toks), jnp.asarray(lengths)
         timing = {"prefill": float("inf"), "decode": float("inf")}
         for _ in range(args.repeats):

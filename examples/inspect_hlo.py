@@ -1,6 +1,6 @@
 """Compile every stage of a plan ahead of time and compare XLA's view with the cost model's.
 
-    python examples/inspect_hlo.py                                  # Llama-2-70B on hexgen-8gpu, batch 64
+    python examples/inspect_hlo.py                                  # Llama-2-70B on hexgen-8gpu, batch 160
     python examples/inspect_hlo.py --model small --out /tmp/hlo-small
     python examples/inspect_hlo.py --plan plan.json --cluster my.toml
 
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--objective", default="throughput", choices=["latency", "throughput", "cost"])
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=160)
     ap.add_argument("--out", default="hlo-dump")
     args = ap.parse_args(argv)
 

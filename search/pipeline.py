@@ -24,20 +24,23 @@ layer count, position flags and neighbours.
 
 - Several microbatches: ``F`` has two maxima over the stages (of ``p`` and
   of ``d``), so the split and the shapes are searched together by branch
-  and bound. Per order, ``max(min Σ W, mb min max W)`` (both exact DPs on
-  each stage's least ``W``; the first is implied by the second when
-  ``mb = P``) is a lower bound (``F >= Σ W`` and ``F >= mb W_j`` for every
-  stage) and ``F`` at the DPs' splits an incumbent; orders whose bound does
-  not beat the best value so far are skipped. The others are branched stage by stage over (layer count, shape),
-  a partial pipeline being dropped as soon as its value plus the least the
-  remaining stages can add (exact DPs over them of ``Σ p``, ``Σ d`` and
-  ``Σ W``, and their least single-stage ``p`` and ``d``) reaches the best
-  value so far. Nothing is dropped that could beat it, so the result is exact.
+  and bound. Since ``F >= Σ p + max_j V_j`` with
+  ``V = (mb - 1) p + (n - 1) mb d`` (and ``F >= Σ W``), each order gets the
+  lower bound ``min Σ p + min max V`` (two exact DPs on each stage's least
+  values; with ``min Σ W`` too when ``mb < P``), and ``F`` at those DPs'
+  splits, with each stage's least-``W`` shape, as incumbents. Orders whose
+  bound does not beat the best value so far are skipped; the others are
+  branched stage by stage over (layer count, shape), a partial pipeline
+  being dropped as soon as its value plus the least the remaining stages
+  can add (exact DPs over them of ``Σ p``, ``Σ d`` and ``Σ W``, and their
+  least single-stage ``p`` and ``d``) reaches the best value so far.
+  Nothing that could beat it is dropped, so the result is exact.
 
 ``lower_bound`` gives a value no pipeline on a footprint can beat (cheapest
-per-layer work of each piece, filled greedily within each piece's memory,
-plus the latency of the hops every decode step must cross); the search uses
-it to skip footprints that a smaller footprint already beats.
+per-layer work, prefill and decode step of each piece, filled greedily
+within each piece's memory, plus the least latency of a path through the
+pieces' hosts for a prefill and of a cycle for every decode step); the
+search uses it to skip footprints that a smaller footprint already beats.
 """
 
 from __future__ import annotations
@@ -224,20 +227,21 @@ class PipelineSearch:
         out = {}
         for mb, b in cost.microbatch_options(self.wl.batch, P):
             bounds = [self.piece_bound(cls, u, mb, b) for cls, u in footprint]
-            if any(cap == 0 for _, cap, _, _ in bounds) or sum(cap for _, cap, _, _ in bounds) < L:
+            caps = [t[1] for t in bounds]
+            if 0 in caps or sum(caps) < L:
                 continue
             # F >= Σ W: the prefill crosses the hops of a path through the pieces, every decode step a cycle
-            total = _fill([(a, cap) for a, cap, _, _ in bounds], L) + path + (n - 1) * cycle
+            work = [t[:2] for t in bounds]
+            total = _fill(work, L) + path + (n - 1) * cycle
             if mb > 1:
                 # F >= mb max W: the busiest stage does at least tau, where sum_s min(cap_s, tau / a_s) = L;
                 # the last stage also receives its input and returns the token on every decode step
-                tau = _balanced_tau([(a, cap) for a, cap, _, _ in bounds], L)
-                total = max(total, mb * max(tau, 2 * (n - 1) * lat))
+                total = max(total, mb * max(_balanced_tau(work, L), 2 * (n - 1) * lat))
                 # F = TTFT + (n - 1) TPOT, each bounded the same way on prefills and decode steps alone
-                pre = [(a_p, cap) for _, cap, a_p, _ in bounds]
+                pre = [(t[2], t[1]) for t in bounds]
                 ttft = _fill(pre, L) + path + (mb - 1) * _balanced_tau(pre, L)
                 if n > 1:
-                    dec = [(a_d, cap) for _, cap, _, a_d in bounds]
+                    dec = [(t[3], t[1]) for t in bounds]
                     tpot = max(_fill(dec, L) + cycle, mb * max(_balanced_tau(dec, L), 2 * lat))
                     ttft += (n - 1) * tpot
                 total = max(total, ttft)
@@ -361,8 +365,9 @@ class PipelineSearch:
     def _best_microbatched(self, table, W, mb: int, limit: float, bound: float = 0.0):
         """``(F, order index, counts, shape indices)`` of the least latency below ``limit``, or None.
 
-        Orders go by their lower bound ``max(min Σ W, mb min max W)``; each first tries ``F`` at the
-        splits of those two DPs (with the least-``W`` shapes), then the branch and bound.
+        Orders go by their lower bound (``min Σ p + min max V``, the footprint's ``bound``, and ``min Σ W``
+        when ``mb < P``); each first tries ``F`` at the splits of those DPs (with the least-``W`` shapes),
+        then the branch and bound.
         """
         P, n = len(table[0]), self.wl.output_len
         # F >= Σ p + max_k V_k with V = (mb - 1) p + (n - 1) mb d: at least min Σ p + min max V (two DPs)
@@ -372,7 +377,7 @@ class PipelineSearch:
         total_p, _, p_counts = self._split_orders(Vp, "sum")
         lower = np.maximum(total_p + top, bound)
         splits = [splits, p_counts]
-        if mb < P:    # with mb = P stages, mb max W >= Σ W: the sum adds nothing to the bound
+        if mb < P:    # then a token's chain Σ d may outlast mb max d: F >= Σ W adds a bound and a split
             total, _, s_counts = self._split_orders(W, "sum")
             lower = np.maximum(lower, total)
             splits.append(s_counts)

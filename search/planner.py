@@ -115,7 +115,7 @@ def candidates(cfg, cluster, workload: Workload, max_stages: int, dtype_bytes: i
     """Best pipeline per footprint (the DP), skipping footprints a smaller one provably beats.
 
     Footprints go in order of devices then pieces. For each, ``sub`` is the
-    best cycle of any footprint inside it (one piece removed or one device
+    best latency of any footprint inside it (one piece removed or one device
     fewer on a piece, recursively). When ``sub`` is no worse than the
     footprint's lower bound, a smaller candidate dominates it and its DP is
     skipped; otherwise the DP runs.

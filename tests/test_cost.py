@@ -97,12 +97,41 @@ def test_two_stage_pipeline_hops_and_microbatches():
         hop_pre = 1e-4 + b * 4 * 8 * 2 / (1e6 * 0.8)
         hop_dec = 1e-4 + b * 8 * 2 / (1e6 * 0.8)
         back = 1e-4 + b * 4 / (1e6 * 0.8)
-        w0 = s0.prefill_s + 2 * s0.decode_s
-        w1 = (hop_pre + s1.prefill_s) + 2 * (hop_dec + s1.decode_s + back)
-        options.append(max(w0 + w1, mb * max(w0, w1)))
-    assert rep.latency_s == pytest.approx(min(options))
-    assert rep.microbatches == (1 if options[0] <= options[1] else 2)
+        p0, p1 = s0.prefill_s, hop_pre + s1.prefill_s
+        d0, d1 = s0.decode_s, hop_dec + s1.decode_s + back
+        ttft = p0 + p1 + (mb - 1) * max(p0, p1)          # the last microbatch's prefill leaves stage 1
+        tpot = max(d0 + d1, mb * max(d0, d1))             # one decode round
+        options.append((ttft + 2 * tpot, ttft, tpot))
+    best = min(options)
+    assert rep.latency_s == pytest.approx(best[0])
+    assert (rep.ttft_s, rep.tpot_s) == pytest.approx(best[1:])
+    assert rep.microbatches == (1 if options[0][0] <= options[1][0] else 2)
     assert pred.price_per_hour == 2 * 2.0 + 1.0
+
+
+def test_two_microbatches_by_hand():
+    # two requests on two stages, each request a microbatch of its own
+    wl = Workload(prompt_len=4, output_len=5, batch=2)
+    rep = Replica((Stage((0, 1), (0, 1), 1, 2), Stage((1, 2), (2,))))
+    pred = cost._predict_replica(rep, CFG, cluster(), wl, 2, 2, 1)
+    (p0, p1), (d0, d1) = [s.prefill_s for s in pred.stages], [s.decode_s for s in pred.stages]
+    assert pred.ttft_s == pytest.approx(p0 + p1 + max(p0, p1))
+    assert pred.tpot_s == pytest.approx(max(d0 + d1, 2 * max(d0, d1)))
+    assert pred.latency_s == pytest.approx(pred.ttft_s + 4 * pred.tpot_s)
+    assert pred.throughput_tokens_per_s == pytest.approx(2 * 5 / pred.latency_s)
+    # never below the period of a pipeline that overlapped batches, the bound the search uses
+    busy = [s.busy_s for s in pred.stages]
+    assert pred.latency_s >= max(sum(busy), 2 * max(busy))
+
+
+def test_microbatches_hold_the_batch_without_empty_ones():
+    assert cost.microbatch_options(1, 4) == [(1, 1)]
+    assert cost.microbatch_options(5, 4) == [(1, 5), (3, 2)]      # 2 + 2 + 1, not a fourth, empty one
+    assert cost.microbatch_options(8, 3) == [(1, 8), (3, 3)]
+    assert cost.microbatch_requests(5, 3, 2) == [2, 2, 1]
+    # a device of a dp=2 stage keeps its share of each microbatch: 1 + 1 + 1 sequences
+    assert cost.kv_sequences_per_device(5, 3, 2, 2) == 3
+    assert cost.kv_sequences_per_device(3, 1, 3, 2) == 2
 
 
 def test_memory_rule_uses_the_workload():

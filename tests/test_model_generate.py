@@ -57,30 +57,33 @@ def test_greedy_matches_oracle_and_eos_cuts(model):
     assert model.generate([prompt], 10, eos_id=eos) == [cut]
 
 
-BAD_REQUESTS = [
-    ([], 4, "no prompts given"),
-    ([[1], []], 4, "prompt 1 is empty"),
-    ([[1, 999]], 4, r"prompt 0 has token ids \[999\] outside \[0, 256\)"),
-    ([[3], [1, -1, 2]], 4, r"prompt 1 has token ids \[-1\] outside \[0, 256\)"),
-    ([[1, 2.5]], 4, "prompt 0 has non-integer token ids"),
-    ([1, 2, 3], 4, "prompt 0 is a int, not a sequence of token ids"),
-    (["hello"], 4, "prompt 0 is a str"),
-    (np.zeros((1, 3), np.float32), 4, "integer token ids"),
-    ([[1]], 0, "max_new_tokens must be a positive integer, got 0"),
-    ([[1]], -3, "max_new_tokens must be a positive integer, got -3"),
-    ([[1]], 2.0, "max_new_tokens must be a positive integer"),
-    ([[1], [1] * 500], 20, r"prompt 1 \(500 tokens\) plus max_new_tokens \(20\) exceeds .* max_position_embeddings \(512\)"),
-    ([[1] * 500], 13, "max_position_embeddings"),
-]
+BAD_REQUESTS = {   # name: (prompts, max_new_tokens, the error's message)
+    "no-prompts": ([], 4, "no prompts given"),
+    "empty-prompt": ([[1], []], 4, "prompt 1 is empty"),
+    "id-too-big": ([[1, 999]], 4, r"prompt 0 has token ids \[999\] outside \[0, 256\)"),
+    "id-negative": ([[3], [1, -1, 2]], 4, r"prompt 1 has token ids \[-1\] outside \[0, 256\)"),
+    "id-float": ([[1, 2.5]], 4, "prompt 0 has non-integer token ids"),
+    "flat-list": ([1, 2, 3], 4,
+                  r"prompt 0 is not a sequence of token ids but int 1; pass a list of prompts, e\.g\. \[\[1, 2, 3\]\]"),
+    "string": (["hello"], 4, "prompt 0 is not a sequence of token ids but str 'hello'"),
+    "float-array": (np.zeros((1, 3), np.float32), 4, "integer token ids"),
+    "zero-new": ([[1]], 0, "max_new_tokens must be a positive integer, got 0"),
+    "negative-new": ([[1]], -3, "max_new_tokens must be a positive integer, got -3"),
+    "float-new": ([[1]], 2.0, "max_new_tokens must be a positive integer"),
+    "too-long": ([[1], [1] * 500], 20,
+                 r"prompt 1 \(500 tokens\) plus max_new_tokens \(20\) exceeds .* max_position_embeddings \(512\)"),
+    "just-too-long": ([[1] * 500], 13, "max_position_embeddings"),
+}
+BAD = pytest.mark.parametrize("prompts,n,match", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
 
 
-@pytest.mark.parametrize("prompts,n,match", BAD_REQUESTS)
+@BAD
 def test_check_prompts_refuses_bad_requests(prompts, n, match):
     with pytest.raises(ConfigError, match=match):
         check_prompts(prompts, TINY, n)
 
 
-@pytest.mark.parametrize("prompts,n,match", BAD_REQUESTS)
+@BAD
 def test_single_device_and_runtime_refuse_bad_requests_alike(model, prompts, n, match):
     """One check for both paths: the same error, word for word, before anything compiles."""
     with pytest.raises(ConfigError, match=match) as single:

@@ -20,7 +20,7 @@ runner = CliRunner()
 def test_plan_json_out_and_pictures(tmp_path):
     out, svg, png = tmp_path / "p.json", tmp_path / "p.svg", tmp_path / "p.png"
     res = runner.invoke(app, ["plan", "--cluster", C8, "--model", "llama-2-70b", "--prompt-len", "512",
-                              "--output-len", "128", "--batch", "64", "--objective", "throughput",
+                              "--output-len", "128", "--batch", "160", "--objective", "throughput",
                               "--out", str(out), "--json", "--svg", str(svg), "--png", str(png)])
     assert res.exit_code == 0, res.output
     d = json.loads(res.output)
@@ -29,7 +29,7 @@ def test_plan_json_out_and_pictures(tmp_path):
     assert all(s["memory_bytes"] <= s["capacity_bytes"] for s in d["stages"])
     plan = Plan.load(out)
     cluster = Cluster.load(C8)
-    pred = evaluate(plan, "llama-2-70b", cluster, Workload(512, 128, 64))
+    pred = evaluate(plan, "llama-2-70b", cluster, Workload(512, 128, 160))
     assert d["prediction"]["throughput_tokens_per_s"] == pred.throughput_tokens_per_s
     assert svg.read_text().lstrip().startswith("<?xml") and png.read_bytes()[:4] == b"\x89PNG"
 

@@ -99,3 +99,23 @@ def test_named_scopes_reach_the_hlo():
     hlo = compiled[0].hlo
     for scope in ("layer_0/attention", "layer_3/mlp", "head"):
         assert scope in hlo, scope
+
+
+@pytest.mark.parametrize("dps", [[1], [2], [1, 2, 1], [2, 1], [4, 2], [1, 4, 2, 1]])
+def test_pools_and_microbatches_are_the_cost_models(dps):
+    """For every batch and microbatching the cost model offers, the builder cuts the same microbatches
+    and sizes every stage's pool to the cost model's KV pages per device (independent formulas)."""
+    from hexjax.runtime.build import RunOptions, build_replica
+    from hexjax.search import cost
+    rep = Replica(tuple(Stage((i, i + 1), tuple(range(8 * i, 8 * i + dp)), dp, 1) for i, dp in enumerate(dps)))
+    cfg = ModelConfig("pools", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=len(dps),
+                      num_heads=4, num_kv_heads=2, max_position_embeddings=512)
+    for batch in range(1, 14):
+        for prompt, out in ((20, 6), (32, 32)):
+            for micro, per in cost.microbatch_options(batch, len(dps)):
+                build = build_replica(cfg, rep, [prompt] * batch, out, "float32", RunOptions(), micro_batches=micro)
+                assert (build.layout.num_micro, build.layout.micro_requests) == (micro, per)
+                for st, sb in zip(rep.stages, build.stages):
+                    seqs = cost.kv_sequences_per_device(batch, micro, per, st.dp)
+                    assert sb.shape.num_pages // st.dp == cost.kv_pages_per_device(prompt + out, seqs), \
+                        (batch, micro, st.dp)

@@ -70,7 +70,7 @@ def test_rows_spread_requests_evenly_over_every_stage_groups(dps):
     # spread so that each stage's groups hold at most ceil(requests / dp), as the cost model assumes
     import math
 
-    from hexjax.runtime.pipeline import assign_rows, group_pages, plan_layout
+    from hexjax.runtime.build import assign_rows, group_pages, plan_layout
     for n in range(1, 30):
         for micro in (1, 2, 3):
             lay = plan_layout(n, [5] * n, 3, len(dps), dps, 16, micro)

@@ -2,14 +2,14 @@
 
 from hexjax.models.config import ModelConfig, RopeScaling, PRESETS
 from hexjax.models.llama import (
-    KVCache, LlamaStage, abstract_params, cache_logical_axes, default_attention, init_cache,
+    KVCache, LlamaStage, abstract_params, default_attention, init_cache,
     init_params, logical_axes, stage_params)
 from hexjax.models.prompts import check_prompts, cut_at_eos, eos_lengths
 from hexjax.models.sampling import Sampling, request_key, request_keys, sample, step_key
 
 __all__ = [
     "ModelConfig", "RopeScaling", "PRESETS",
-    "LlamaStage", "KVCache", "init_cache", "cache_logical_axes", "default_attention",
+    "LlamaStage", "KVCache", "init_cache", "default_attention",
     "init_params", "abstract_params", "logical_axes", "stage_params",
     "Sampling", "sample", "step_key", "request_key", "request_keys",
     "check_prompts", "cut_at_eos", "eos_lengths",

@@ -96,12 +96,6 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, num_layers: int | Non
     return tuple(KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(n))
 
 
-def cache_logical_axes(num_layers: int) -> tuple[KVCache, ...]:
-    """Logical axis names of ``init_cache``'s tree (``PartitionSpec`` per array)."""
-    spec = jax.sharding.PartitionSpec("batch", "cache_seq", "kv_heads", "head_dim")
-    return tuple(KVCache(spec, spec) for _ in range(num_layers))
-
-
 def write_cache(layer_cache: KVCache, k: Array, v: Array, positions: Array) -> KVCache:
     """Store k/v [B,S,Hkv,D] at slots ``positions`` [B,S]; positions >= max_len are dropped."""
     b = jnp.arange(k.shape[0])[:, None]

@@ -26,8 +26,8 @@ def _token_list(i: int, p) -> list[int]:
         return arr.tolist()
     if isinstance(p, (str, bytes)) or not hasattr(p, "__iter__"):
         raise ConfigError(
-            f"generate: prompt {i} is a {type(p).__name__}, not a sequence of token ids; pass a list of "
-            "prompts, e.g. [[1, 2, 3]] for one prompt")
+            f"generate: prompt {i} is not a sequence of token ids but {type(p).__name__} {p!r:.40}; pass a "
+            "list of prompts, e.g. [[1, 2, 3]] for one prompt")
     row = list(p)
     odd = [t for t in row if not _is_int(t)]
     if odd:

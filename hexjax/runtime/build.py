@@ -51,6 +51,8 @@ class Layout:
     """Rows per microbatch (a multiple of every stage's dp)."""
     num_micro: int
     """Microbatches in flight."""
+    micro_requests: int
+    """Requests per microbatch (the last takes the rest); the other rows are padding."""
     prompt_len: int
     """Padded prompt length (prefill program width)."""
     table_width: int
@@ -83,37 +85,35 @@ class ReplicaBuild:
 
 def plan_layout(num_requests: int, prompt_lens: Sequence[int], max_new_tokens: int, num_stages: int,
                 dps: Sequence[int], page_size: int, micro_batches: int | None = None) -> Layout:
-    """Microbatches for a replica: ``micro_batches`` of them (default one per stage) when there are
-    enough requests, each a whole multiple of every stage's ``dp`` rows."""
+    """Microbatches for a replica, cut as the cost model cuts them (``search.cost.microbatch_options``):
+    ``micro_batches`` of them (default one per stage) of ``ceil(requests / micro_batches)`` requests,
+    as many as that takes; each padded to a whole multiple of every stage's ``dp`` rows."""
+    want = max(1, min(micro_batches or num_stages, num_requests))
+    per = -(-num_requests // want)
     rows_unit = math.lcm(*dps)
-    want = micro_batches or num_stages
-    num_micro = max(1, min(want, -(-num_requests // rows_unit)))
-    micro = -(-num_requests // num_micro)
-    micro = -(-micro // rows_unit) * rows_unit
-    num_micro = -(-num_requests // micro)
     # pad prompts to whole pages so that runs with similar prompts share compiled code
     prompt_len = max(1, pages_for(max(prompt_lens), page_size)) * page_size
     longest = max(n + max_new_tokens for n in prompt_lens)
     width = pages_for(max(prompt_len, longest), page_size)
-    return Layout(micro, num_micro, prompt_len, width)
+    return Layout(-(-per // rows_unit) * rows_unit, -(-num_requests // per), per, prompt_len, width)
 
 
 def assign_rows(num_requests: int, layout: Layout, dps: Sequence[int]) -> tuple[tuple[int | None, ...], ...]:
     """Rows of each microbatch: request index, or None for a padding row.
 
-    Microbatches are filled in order.  Inside one, each request takes the free
+    Microbatches take ``micro_requests`` requests each, in order.  Inside one, each request takes the free
     row whose data-parallel groups (one per stage: row ``i`` of a stage with
     ``dp`` groups is in group ``i // (micro_batch / dp)``) hold the fewest
     requests so far, so every stage's groups get at most ``ceil(requests / dp)``
     sequences where that is possible, as the cost model assumes, even when the
     stages' ``dp`` differ and rows are padded to a multiple of all of them.
     """
-    mb = layout.micro_batch
+    mb, per = layout.micro_batch, layout.micro_requests
     rows = []
     for m in range(layout.num_micro):
         counts = [[0] * dp for dp in dps]
         row: list[int | None] = [None] * mb
-        for k in range(m * mb, min((m + 1) * mb, num_requests)):
+        for k in range(m * per, min((m + 1) * per, num_requests)):
             def load(i):
                 groups = [c[i // (mb // dp)] for c, dp in zip(counts, dps)]
                 return max(groups), sum(groups), i

@@ -10,6 +10,7 @@ import numpy as np
 
 from hexjax.errors import ConfigError, PlanError
 from hexjax.models.config import ModelConfig
+from hexjax.models.prompts import check_prompts, eos_lengths
 from hexjax.models.sampling import Sampling
 from hexjax.runtime.build import RunOptions
 
@@ -67,27 +68,6 @@ def split_requests(num_requests: int, num_replicas: int) -> list[list[int]]:
     """Contiguous, near-equal shares of the requests for each replica."""
     bounds = [num_requests * r // num_replicas for r in range(num_replicas + 1)]
     return [list(range(bounds[r], bounds[r + 1])) for r in range(num_replicas)]
-
-
-def check_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig, max_new_tokens: int) -> list[list[int]]:
-    if max_new_tokens <= 0:
-        raise ConfigError(f"generate: max_new_tokens must be positive, got {max_new_tokens}")
-    if not prompts:
-        raise ConfigError("generate: no prompts given")
-    out = []
-    for i, p in enumerate(prompts):
-        p = [int(t) for t in p]
-        if not p:
-            raise ConfigError(f"generate: prompt {i} is empty; every prompt needs at least one token")
-        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise ConfigError(f"generate: prompt {i} has token ids {bad[:3]} outside [0, {cfg.vocab_size})")
-        if len(p) + max_new_tokens > cfg.max_position_embeddings:
-            raise ConfigError(
-                f"generate: prompt {i} ({len(p)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
-                f"the model's max_position_embeddings ({cfg.max_position_embeddings})")
-        out.append(p)
-    return out
 
 
 def plan_dtype(plan) -> str:
@@ -220,13 +200,10 @@ def run_plan(model, plan, prompts: Sequence[Sequence[int]], max_new_tokens: int,
             if lg is not None:
                 logits[req] = lg[i]
     t2 = time.perf_counter()
-    if eos_id is not None:
-        for i, row in enumerate(tokens):
-            if eos_id in row:
-                cut = row.index(eos_id) + 1
-                tokens[i] = row[:cut]
-                if keep_logits:
-                    logits[i] = logits[i][:cut]
+    keep = eos_lengths(tokens, eos_id)
+    tokens = [row[:n] for row, n in zip(tokens, keep)]
+    if keep_logits:
+        logits = [lg[:n] for lg, n in zip(logits, keep)]
     pages = {(ri, si): sb.shape.num_pages for ri, b in builds.items() for si, sb in enumerate(b.stages)}
     return GenerationResult(tokens, logits if keep_logits else None, t2 - t1, t1 - t0, run.dtype, pages)
 

@@ -13,7 +13,7 @@ import functools
 import jax
 import numpy as np
 
-from hexjax.models.sampling import Sampling, request_key, sample
+from hexjax.models.sampling import Sampling, request_keys, sample
 from hexjax.runtime.build import ReplicaBuild
 from hexjax.runtime.pages import PageAllocator, PagesExhaustedError
 from hexjax.runtime.stage import StagePrograms, stage_programs
@@ -24,8 +24,7 @@ def _sample_rows(logits, requests, step, sampling: Sampling):
     """Next token of each row as [rows, 1] (the next decode step's input)."""
     if sampling.greedy:
         return sample(logits, None, sampling)[:, None]
-    keys = jax.vmap(lambda r: request_key(sampling.seed, r, step))(requests)
-    return jax.vmap(lambda row, k: sample(row[None], k, sampling))(logits, keys)
+    return sample(logits, request_keys(sampling.seed, requests, step), sampling)[:, None]
 
 
 class ReplicaRunner:

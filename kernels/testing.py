@@ -53,3 +53,14 @@ def pallas_interpret_flags(fn, *args) -> list[bool]:
 
     walk(jax.make_jaxpr(fn)(*args).jaxpr)
     return found
+
+
+def default_matmul_precision():
+    """Generator for an autouse fixture: run under the default matmul precision, not a suite-wide
+    "highest" (tests/conftest.py sets it).
+
+    On a GPU the default makes unspecified float32 dots TF32; the kernels and references must
+    ask for full precision themselves, so float32 tolerances catch a dot that does not.
+    """
+    with jax.default_matmul_precision("default"):
+        yield

@@ -70,7 +70,7 @@ def test_generate_and_demo_refuse_more_tokens_than_the_context(hexjax, tmp_path)
     path = _plan_file(tmp_path)
     refused(hexjax("generate", "--model", "tiny", "--plan", path, "--prompt-ids", "1,2,3", "--prompt-ids", "4",
                    "--max-new-tokens", 510),
-            "longest prompt (3 tokens) + --max-new-tokens 510 = 513 tokens", "512 positions")
+            "prompt 0 (3 tokens) plus max_new_tokens (510) exceeds", "max_position_embeddings (512)")
     refused(hexjax("demo", "--model", "tiny", "--prompt-len", 500, "--max-new-tokens", 100), "600 tokens",
             "512 positions")
 

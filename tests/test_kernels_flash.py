@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from hexjax.kernels import attention, flash_attention, flash_attention_reference
+from hexjax.kernels import testing as kernel_testing
 from hexjax.kernels.testing import default_interpret, pallas_interpret_flags, tolerance
 from hexjax.kernels.tuning import FlashBlockSizes
 
@@ -25,15 +26,7 @@ TOL = {dt: tolerance(dt, native=ON_GPU) for dt in (jnp.float32, jnp.bfloat16, jn
 GRAD_TOL_F32 = 2e-4 if ON_GPU else 2e-5
 
 
-@pytest.fixture(autouse=True)
-def default_matmul_precision():
-    """Run under the default matmul precision, not the suite's "highest" (tests/conftest.py).
-
-    On a GPU the default makes unspecified float32 dots TF32; the kernels and references must
-    ask for full precision themselves, so the float32 tolerances above catch a dot that does not.
-    """
-    with jax.default_matmul_precision("default"):
-        yield
+default_matmul_precision = pytest.fixture(autouse=True)(kernel_testing.default_matmul_precision)
 
 
 def naive_softmax(logits, mask):

@@ -14,6 +14,7 @@ from hexjax.kernels import (decode_attention, flash_attention_reference, paged_a
                             paged_attention_reference, write_kv, write_kv_reference)
 from hexjax.kernels.dispatch import stage_kernels
 from hexjax.kernels.kv_cache import write_kv as write_kv_pallas
+from hexjax.kernels import testing as kernel_testing
 from hexjax.kernels.testing import default_interpret, pallas_interpret_flags, tolerance
 from hexjax.kernels.tuning import PagedBlockSizes, WriteBlockSizes
 
@@ -26,15 +27,7 @@ PLATFORM = jax.default_backend()
 TOL = {dt: tolerance(dt, native=ON_GPU) for dt in (jnp.float32, jnp.bfloat16, jnp.float16)}
 
 
-@pytest.fixture(autouse=True)
-def default_matmul_precision():
-    """Run under the default matmul precision, not the suite's "highest" (tests/conftest.py).
-
-    On a GPU the default makes unspecified float32 dots TF32; the kernels and references must
-    ask for full precision themselves, so the float32 tolerances above catch a dot that does not.
-    """
-    with jax.default_matmul_precision("default"):
-        yield
+default_matmul_precision = pytest.fixture(autouse=True)(kernel_testing.default_matmul_precision)
 
 
 def naive_decode(q, k_pages, v_pages, block_tables, lengths):

@@ -92,7 +92,6 @@ def generate_cmd(model: str, plan_file: Path, cluster_file: Path | None, virtual
     tok = _tokenizer(model) if prompt else None
     prompts = [parse_ids(p) for p in prompt_ids] if prompt_ids else \
         [tok(p, add_special_tokens=True)["input_ids"] for p in prompt]
-    _check_generation_context(cfg, prompts, max_new_tokens)
     options = RunOptions(dtype=dtype, platform="cpu" if virtual_devices else None)
     # the run is laid out and its memory checked before any weights are read
     prepared = prepare_run(cfg, plan, prompts, max_new_tokens, cluster=cluster, options=options)
@@ -137,16 +136,6 @@ def generate_cmd(model: str, plan_file: Path, cluster_file: Path | None, virtual
     if check and not out["matches_single_device"]:
         raise typer.Exit(1)
     return out
-
-
-def _check_generation_context(cfg, prompts: list[list[int]], max_new_tokens: int) -> None:
-    longest = max(map(len, prompts))
-    total, limit = longest + max_new_tokens, cfg.max_position_embeddings
-    if total > limit:
-        raise ConfigError(
-            f"the longest prompt ({longest} tokens) + --max-new-tokens {max_new_tokens} = {total} tokens, but "
-            f"{cfg.name} has only {limit} positions (max_position_embeddings); shorten the prompt or lower "
-            f"--max-new-tokens so that they add up to at most {limit}")
 
 
 def dump_hlo_cmd(model: str | None, plan_file: Path, cluster_file: Path | None, out_dir: Path,

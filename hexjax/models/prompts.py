@@ -63,7 +63,8 @@ def check_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig, max_new_to
         if len(row) + max_new_tokens > cfg.max_position_embeddings:
             raise ConfigError(
                 f"generate: prompt {i} ({len(row)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
-                f"the model's max_position_embeddings ({cfg.max_position_embeddings})")
+                f"the model's max_position_embeddings ({cfg.max_position_embeddings}); shorten the prompt or "
+                "ask for fewer new tokens")
         out.append(row)
     return out
 

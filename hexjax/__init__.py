@@ -29,6 +29,8 @@ _EXPORTS = {
     "run_plan": "hexjax.runtime",
     "RunOptions": "hexjax.runtime",
     "use_virtual_cpu_devices": "hexjax.runtime.devices",
+    "Trainer": "hexjax.train",
+    "TrainConfig": "hexjax.train",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,17 @@
+"""Training over a plan: 1F1B pipelines, asymmetric data parallelism, AdamW, orbax checkpoints.
+
+::
+
+    from hexjax.train import Trainer, TrainConfig
+    tr = Trainer(cfg, plan, config=TrainConfig(lr=3e-4, warmup_steps=100, decay_steps=10_000), microbatches=4)
+    metrics = tr.step(tokens)          # tokens [B, S+1]; {loss, grad_norm, lr, tokens, seconds}
+    tr.save("ckpt")                    # keyed by global layer: restores under any other plan
+    Trainer(cfg, other_plan, config=...).restore("ckpt")
+"""
+
+from hexjax.train.config import TrainConfig
+from hexjax.train.optimizer import lr_schedule, make_optimizer
+from hexjax.train.schedule import one_f_one_b
+from hexjax.train.trainer import Trainer, check_batch_shape
+
+__all__ = ["TrainConfig", "Trainer", "check_batch_shape", "lr_schedule", "make_optimizer", "one_f_one_b"]

@@ -1,0 +1,235 @@
+"""Training over a plan equals single-device training (8 virtual CPU devices, fp32)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from hexjax.errors import ConfigError, PlanError
+from hexjax.models.config import ModelConfig
+from hexjax.models.llama import LlamaStage, init_params
+from hexjax.plan import Plan, Replica, Stage
+from hexjax.train import TrainConfig, Trainer, one_f_one_b
+from hexjax.train.schedule import max_live_activations
+
+CFG = ModelConfig("t", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
+                  num_kv_heads=2, max_position_embeddings=64)
+TCFG = TrainConfig(lr=1e-2, warmup_steps=1, decay_steps=6, b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=0.5)
+BATCH, SEQ = 8, 16
+
+
+def plan(*replicas) -> Plan:
+    return Plan("t", "", tuple(Replica(tuple(Stage(*s) for s in r)) for r in replicas))
+
+
+# (layers, devices, dp, tp) per stage, per replica; and microbatches
+PLANS = {
+    "one-device": (plan([((0, 4), (0,))]), 1),
+    "uneven-tp1-2-4": (plan([((0, 1), (0,)), ((1, 3), (1, 2), 1, 2), ((3, 4), (3, 4, 5, 6), 1, 4)]), 4),
+    "two-replicas": (plan([((0, 1), (0, 1), 1, 2), ((1, 4), (2, 3, 4, 5), 2, 2)],
+                          [((0, 3), (6,)), ((3, 4), (7,))]), 2),
+}
+SLOW_PLANS = {
+    "dp2": (plan([((0, 2), (0, 1), 2, 1), ((2, 4), (2, 3, 4, 5), 2, 2)]), 2, {}),
+    "four-stages-m4": (plan([((0, 1), (0,)), ((1, 2), (1,)), ((2, 3), (2,)), ((3, 4), (3,))]), 4, {}),
+    "three-replicas-rows-2-4-2": (plan([((0, 4), (0, 1, 2, 3), 1, 4)], [((0, 2), (4, 5), 2, 1), ((2, 4), (6,))],
+                                       [((0, 4), (7,))]), 1, {"replica_rows": (2, 4, 2)}),
+    "two-replicas-rows-2-6": (plan([((0, 1), (0, 1), 1, 2), ((1, 4), (2, 3, 4, 5), 2, 2)],
+                                   [((0, 3), (6,)), ((3, 4), (7,))]), 1, {"replica_rows": (2, 6)}),
+}
+
+
+def batches(n, seed=0, batch=BATCH, seq=SEQ, vocab=CFG.vocab_size):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, (batch, seq + 1)) for _ in range(n)]
+
+
+def reference(cfg, params, tcfg, data):
+    """Plain single-device optax loop over the whole model (independent of hexjax.train)."""
+    model = LlamaStage(cfg)
+
+    def loss_fn(p, batch):
+        x, y = batch[:, :-1], batch[:, 1:]
+        pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape)
+        logits = model.apply({"params": p}, x, pos)[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    sched = optax.warmup_cosine_decay_schedule(0.0, tcfg.lr, tcfg.warmup_steps, tcfg.decay_steps,
+                                               tcfg.lr * tcfg.end_lr_ratio)
+    opt = optax.chain(optax.clip_by_global_norm(tcfg.clip_norm),
+                      optax.adamw(sched, tcfg.b1, tcfg.b2, tcfg.eps, weight_decay=tcfg.weight_decay,
+                                  mask=lambda p: jax.tree.map(lambda a: a.ndim >= 2, p)))
+    state = opt.init(params)
+
+    @jax.jit
+    def step(p, s, batch):
+        loss, g = jax.value_and_grad(loss_fn)(p, batch)
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s, loss
+
+    losses = []
+    for b in data:
+        params, state, loss = step(params, state, jnp.asarray(b))
+        losses.append(float(loss))
+    return losses, params
+
+
+def rel_diff(a, b) -> float:
+    """Largest per-leaf max|a - b| / max|b| over two trees."""
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))) / max(np.max(np.abs(np.asarray(y))), 1e-30))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope="module")
+def start_params():
+    return init_params(LlamaStage(CFG), jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def ref_run(start_params):
+    return reference(CFG, start_params, TCFG, batches(3))
+
+
+def _check_plan(p, m, start_params, ref_run, **kw):
+    tr = Trainer(CFG, p, config=TCFG, microbatches=m, params=start_params, **kw)
+    metrics = [tr.step(b) for b in batches(3)]
+    want_losses, want_params = ref_run
+    got = [x["loss"] for x in metrics]
+    np.testing.assert_allclose(got, want_losses, rtol=1e-5)
+    assert set(tr.params()) == set(want_params)
+    assert rel_diff(tr.params(), want_params) < 1e-5
+    assert tr.replicas_in_sync()
+    assert metrics[1]["lr"] == pytest.approx(TCFG.lr)
+    assert all(x["tokens"] == BATCH * SEQ for x in metrics)
+    return tr
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_train_matches_single_device(name, start_params, ref_run):
+    _check_plan(*PLANS[name], start_params, ref_run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SLOW_PLANS))
+def test_train_matches_single_device_more_plans(name, start_params, ref_run):
+    p, m, kw = SLOW_PLANS[name]
+    _check_plan(p, m, start_params, ref_run, **kw)
+
+
+def test_train_grads_match_jax_grad(start_params):
+    p, m = PLANS["two-replicas"]
+    tr = Trainer(CFG, p, config=TCFG, microbatches=m, params=start_params)
+    b = batches(1, seed=5)[0]
+    loss, grads = tr.grads(b)
+    model = LlamaStage(CFG)
+
+    def loss_fn(params):
+        x, y = b[:, :-1], b[:, 1:]
+        logits = model.apply({"params": params}, x, jnp.broadcast_to(jnp.arange(SEQ), x.shape))[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    want_loss, want = jax.jit(jax.value_and_grad(loss_fn))(start_params)
+    assert loss == pytest.approx(float(want_loss), rel=1e-6)
+    assert tr.evaluate(b) == pytest.approx(float(want_loss), rel=1e-6)
+    assert rel_diff(grads, want) < 1e-5
+
+
+def test_train_tied_embeddings_and_remat():
+    """The tied embedding sits on the first and the last stage: its gradients are summed over both."""
+    cfg = ModelConfig("tied", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    params = init_params(LlamaStage(cfg), jax.random.key(1))
+    data = batches(2, seed=2)
+    want_losses, want = reference(cfg, params, TCFG, data)
+    tcfg = TrainConfig(**{**TCFG.__dict__, "remat": True})
+    tr = Trainer(cfg, plan([((0, 1), (0, 1), 1, 2), ((1, 2), (2,))]), config=tcfg, microbatches=2, params=params)
+    got = [tr.step(b)["loss"] for b in data]
+    np.testing.assert_allclose(got, want_losses, rtol=1e-5)
+    assert rel_diff(tr.params(), want) < 1e-5
+    assert tr.replicas_in_sync()
+
+
+def test_checkpoint_restores_onto_another_plan(tmp_path, start_params, ref_run):
+    data = batches(3)
+    a = Trainer(CFG, PLANS["two-replicas"][0], config=TCFG, microbatches=2, params=start_params)
+    for b in data[:2]:
+        a.step(b)
+    a.save(tmp_path / "ckpt", extra={"position": 2})
+    b = Trainer(CFG, PLANS["uneven-tp1-2-4"][0], config=TCFG, microbatches=4, params=start_params)
+    meta = b.restore(tmp_path / "ckpt")
+    assert meta["step"] == 2 and meta["extra"] == {"position": 2} and b.step_count == 2
+    assert rel_diff(b.params(), a.params()) == 0.0
+    got = b.step(data[2])
+    want_losses, want_params = ref_run
+    assert got["loss"] == pytest.approx(want_losses[2], rel=1e-5)
+    assert got["lr"] == pytest.approx(float(TCFG.lr * 0.5 * (1 + np.cos(np.pi * 1 / 5)) * 0.9 + TCFG.lr * 0.1),
+                                      rel=1e-6)
+    assert rel_diff(b.params(), want_params) < 1e-5
+
+
+def test_checkpoint_keeps_last_n_and_rejects_other_model(tmp_path, start_params):
+    from hexjax.train.checkpoint import latest_step
+    tcfg = TrainConfig(**{**TCFG.__dict__, "keep_checkpoints": 2})
+    tr = Trainer(CFG, PLANS["one-device"][0], config=tcfg, params=start_params)
+    for s in (1, 2, 3):
+        tr.save(tmp_path, step=s)
+    assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [2, 3]
+    assert latest_step(tmp_path) == 3
+    other = ModelConfig("t", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, max_position_embeddings=64)
+    t2 = Trainer(other, plan([((0, 2), (1,))]), config=tcfg)
+    with pytest.raises(ConfigError, match="another model"):
+        t2.restore(tmp_path)
+
+
+def test_train_errors_before_device_memory(start_params):
+    p = SLOW_PLANS["dp2"][0]
+    with pytest.raises(PlanError, match="stages end at layer 3"):
+        Trainer(CFG, plan([((0, 3), (0,))]), config=TCFG)
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        Trainer(CFG, p, config=TCFG, microbatches=2, global_batch=8, seq_len=65)
+    tr = Trainer(CFG, p, config=TCFG, microbatches=2, params=start_params)
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        tr.step(np.zeros((8, 66), np.int32))
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        tr.step(np.zeros((6, 17), np.int32))
+    with pytest.raises(ConfigError, match="replicas"):
+        Trainer(CFG, PLANS["two-replicas"][0], config=TCFG, params=start_params).step(np.zeros((5, 17), np.int32))
+    with pytest.raises(ConfigError, match="decay_steps"):
+        TrainConfig(warmup_steps=5, decay_steps=5)
+
+
+@pytest.mark.parametrize("stages,m", [(1, 1), (2, 1), (3, 2), (4, 4), (4, 7), (5, 3)])
+def test_one_f_one_b_order(stages, m):
+    order = one_f_one_b(stages, m)
+    assert sorted(order) == sorted((op, s, i) for op in "FB" for s in range(stages) for i in range(m))
+    seen = set()
+    for op, s, i in order:
+        if op == "F":
+            assert s == 0 or ("F", s - 1, i) in seen
+        else:
+            assert ("F", s, i) in seen and (s == stages - 1 or ("B", s + 1, i) in seen)
+        seen.add((op, s, i))
+    assert max_live_activations(order, stages) == [min(stages - s, m) for s in range(stages)]
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch, start_params):
+    import orbax.checkpoint as ocp
+
+    from hexjax.train.checkpoint import latest_step, read_meta
+    tr = Trainer(CFG, PLANS["one-device"][0], config=TCFG, params=start_params)
+    tr.save(tmp_path, step=1)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-save")
+    with monkeypatch.context() as mp:
+        mp.setattr(ocp.handlers.JsonCheckpointHandler, "async_save", killed)
+        mp.setattr(ocp.handlers.JsonCheckpointHandler, "save", killed)
+        with pytest.raises(KeyboardInterrupt):
+            tr.save(tmp_path, step=2)
+    assert latest_step(tmp_path) == 1 and read_meta(tmp_path)["step"] == 1
+    tr.restore(tmp_path)
+    tr.save(tmp_path, step=2)
+    assert latest_step(tmp_path) == 2

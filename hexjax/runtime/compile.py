@@ -39,8 +39,16 @@ class StageCompile:
     """Rows of the compiled microbatch."""
     num_micro: int
     """Microbatches the replica's batch is cut into (the program runs once per microbatch)."""
+    micro_requests: int
+    """Requests per microbatch (the rest of ``micro_batch`` rows are padding)."""
     tokens: int
     """Tokens per row of the compiled step (padded prompt length, or 1 for decode)."""
+    prompt_len: int
+    """Padded prompt length the replica's prefill program is compiled for."""
+    table_width: int
+    """Block-table slots per sequence: a decode step attends over ``table_width * page_size`` positions."""
+    page_size: int
+    """Tokens per KV-cache page."""
     num_pages: int
     """KV-cache pages in the stage's pool (all dp ranges, reserved pages included)."""
     flops: float
@@ -176,8 +184,8 @@ def _record(prog, phase: str, ri: int, si: int, sb, layout, keep_text: bool) -> 
     k = sb.kind
     return StageCompile(
         ri, si, phase, sb.devices, k.dp, k.tp, (k.first_layer, k.first_layer + k.num_layers),
-        layout.micro_batch, layout.num_micro, 1 if phase == "decode" else layout.prompt_len,
-        sb.shape.num_pages, float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
+        layout.micro_batch, layout.num_micro, layout.micro_requests, 1 if phase == "decode" else layout.prompt_len,
+        layout.prompt_len, layout.table_width, sb.shape.page_size, sb.shape.num_pages, float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
         arg_b, out_b, alias_b, temp_b, peak, prog.compile_seconds[phase], prog.devices[0].platform,
         stablehlo=prog.stablehlo[phase] if keep_text else "",
         hlo=compiled.as_text() if keep_text else "",

@@ -25,21 +25,15 @@ def dump_hlo(plan, model_cfg: ModelConfig, workload, out_dir: str | Path, *, clu
         (out / f"{c.name}.hlo.txt").write_text(c.hlo)
         (out / f"{c.name}.cost.json").write_text(json.dumps(c.cost, indent=1, sort_keys=True))
         (out / f"{c.name}.memory.json").write_text(json.dumps(c.memory, indent=1, sort_keys=True))
-    predictions = predict_stages(plan, model_cfg, workload, compiled_layouts(compiles), cluster=cluster,
-                                 dtype=dtype)
+    predictions = predict_stages(plan, model_cfg, workload, compiles, cluster=cluster, dtype=dtype)
     (out / "summary.md").write_text(summary_markdown(plan, model_cfg, workload, compiles, predictions, dtype))
     return compiles
 
 
 
-def compiled_layouts(compiles: list[StageCompile]) -> dict[int, tuple[int, int]]:
-    """Replica -> (microbatches, rows per microbatch) of its compiled programs."""
-    return {c.replica: (c.num_micro, c.micro_batch) for c in compiles}
-
-
 @dataclasses.dataclass(frozen=True)
 class StagePredict:
-    """The cost model's per-device figures for one stage (``hexjax.search.cost``)."""
+    """The cost model's per-device figures for one compiled stage program (``cost.stage_figures``)."""
 
     weight_bytes: float
     """Parameters per device."""
@@ -47,10 +41,8 @@ class StagePredict:
     """KV cache per device."""
     activation_bytes: float
     """Activation workspace per device."""
-    prefill_flops: float
-    """FLOPs of one microbatch's prefill, per device."""
-    decode_flops: float
-    """FLOPs of one microbatch's decode step (at the mean context), per device."""
+    flops: float
+    """FLOPs of one run of the program (one microbatch), per device."""
     capacity_bytes: float | None
     """Usable memory per device (None without a cluster)."""
 
@@ -59,37 +51,32 @@ class StagePredict:
         return self.weight_bytes + self.kv_bytes + self.activation_bytes
 
 
-def predict_stages(plan, cfg: ModelConfig, workload, layouts: dict[int, tuple[int, int]], *, cluster=None,
-                   dtype: str = "bfloat16") -> dict[tuple[int, int], StagePredict]:
-    """Cost-model figures per (replica, stage), with the formulas of ``search/cost.py``.
+def predict_stages(plan, cfg: ModelConfig, workload, compiles: list[StageCompile], *, cluster=None,
+                   dtype: str = "bfloat16") -> dict[tuple[int, int, str], StagePredict]:
+    """The cost model's figures for each compiled (replica, stage, phase), from ``cost.stage_figures``.
 
-    ``layouts`` maps a replica to the ``(microbatches, requests per microbatch)``
-    it was compiled with, so both sides describe the same programs.
+    Fed the microbatching, padded rows and attended context of the compiled
+    program (the padded prompt in a prefill, every block-table slot in a
+    decode step), so both sides describe the same program.
     """
-    from hexjax.devices import DEVICES
-    from hexjax.search import cost
+    import numpy as np
 
-    import jax.numpy as jnp
-    e = jnp.dtype(dtype).itemsize
+    from hexjax.search import cost
+    e = np.dtype(dtype).itemsize
     out = {}
-    s, n = workload.prompt_len, workload.output_len
-    for ri, rep in enumerate(plan.replicas):
-        P = len(rep.stages)
-        mb, b = layouts[ri]
-        for si, st in enumerate(rep.stages):
-            if cluster is not None:
-                host = cluster.hosts[cluster.host_of(st.devices[0])]
-                device, bw, lat = host.device, host.intra_bandwidth_Bps, host.intra_latency_s
-            else:  # memory and FLOPs do not depend on the device
-                device, bw, lat = next(iter(DEVICES.values())), 1e11, 1e-6
-            l = st.layers[1] - st.layers[0]
-            c = cost.stage_cost(cfg, device, bw, lat, l, st.dp, st.tp, si == 0, si == P - 1, mb, b, workload, e)
-            r = -(-b // st.dp)
-            head = 2 * cfg.hidden_size * cost.vocab_per_device(cfg, st.tp) if si == P - 1 else 0.0
-            prefill = l * r * s * cost.layer_flops_per_device(cfg, st.tp, (s + 1) / 2) + r * head
-            decode = l * r * cost.layer_flops_per_device(cfg, st.tp, s + n / 2) + r * head
-            out[(ri, si)] = StagePredict(c.weight_bytes, c.kv_bytes, c.activation_bytes, prefill, decode,
-                                         c.capacity_bytes if cluster is not None else None)
+    for c in compiles:
+        rep = plan.replicas[c.replica]
+        st = rep.stages[c.stage]
+        f = cost.stage_figures(cfg, st.num_layers, st.dp, st.tp, c.stage == 0, c.stage == len(rep.stages) - 1,
+                               c.num_micro, c.micro_requests, workload, e, micro_batch_rows=c.micro_batch,
+                               prefill_tokens=c.prompt_len, prefill_context=c.prompt_len,
+                               decode_context=c.table_width * c.page_size)
+        capacity = None
+        if cluster is not None:
+            capacity = min(cost.usable_memory_bytes(cluster.device(i)) for i in st.devices)
+        out[(c.replica, c.stage, c.phase)] = StagePredict(
+            f.weight_bytes, f.kv_bytes, f.activation_bytes,
+            f.prefill_flops if c.phase == "prefill" else f.decode_flops, capacity)
     return out
 
 
@@ -102,16 +89,17 @@ def _num(x: float) -> str:
 
 
 def summary_markdown(plan, cfg: ModelConfig, workload, compiles: list[StageCompile],
-                     predictions: dict[tuple[int, int], StagePredict], dtype: str) -> str:
+                     predictions: dict[tuple[int, int, str], StagePredict], dtype: str) -> str:
     """Markdown tables: the cost model's per-device predictions beside XLA's, with ratios."""
     lines = [
         f"# Compiled stages of {cfg.name}",
         "",
         f"Workload per replica: batch {workload.batch}, prompt {workload.prompt_len}, output "
         f"{workload.output_len}; dtype {dtype}. Figures are per device. XLA FLOPs are one run of the "
-        "program (one microbatch); the cost model's are per microbatch too (decode at the mean context "
-        "`prompt + output/2`; XLA's decode program reads every page slot of the block table, i.e. the "
-        "full context, and its prefill attends over the padded prompt). `XLA args` is "
+        "program (one microbatch); the cost model's (`search.cost.stage_figures`) are for the same "
+        "program: its padded rows, a prefill attending over the padded prompt and a decode step over every "
+        "page slot of the block table (the model's own time predictions use the causal mean and the mean "
+        "context instead). `XLA args` is "
         "`memory_analysis().argument_size_in_bytes` (weights + KV pages + inputs); `XLA peak` its peak "
         "estimate.",
         "",
@@ -125,8 +113,8 @@ def summary_markdown(plan, cfg: ModelConfig, workload, compiles: list[StageCompi
         "| --- | --- | --- | --- | --- | ---: | ---: | ---: |",
     ]
     for c in compiles:
-        p = predictions[(c.replica, c.stage)]
-        pf = p.prefill_flops if c.phase == "prefill" else p.decode_flops
+        p = predictions[(c.replica, c.stage, c.phase)]
+        pf = p.flops
         lines.append(f"| r{c.replica}.s{c.stage} | {c.phase} | {format_layers(*c.layers)} | {format_mesh(c.dp, c.tp)} | "
                      f"{c.micro_batch} x {c.num_micro} | {_num(pf)} | {_num(c.flops)} | {_ratio(c.flops, pf)} |")
     lines += [
@@ -138,7 +126,7 @@ def summary_markdown(plan, cfg: ModelConfig, workload, compiles: list[StageCompi
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for c in compiles:
-        p = predictions[(c.replica, c.stage)]
+        p = predictions[(c.replica, c.stage, c.phase)]
         wkv = p.weight_bytes + p.kv_bytes
         cap = format_bytes(p.capacity_bytes) if p.capacity_bytes else "-"
         lines.append(

@@ -1,0 +1,758 @@
+"""A serving engine over a plan's stage programs: continuous batching with a paged KV cache.
+
+Each replica of the plan has ``max_batch`` rows (slots) and per stage one page
+pool.  One scheduling iteration (``Engine.step``):
+
+1. running rows that need another page for their next token get it; when a
+   stage's pool (its data-parallel range) is out of pages, the youngest request
+   there is **preempted**: its pages are freed and it goes back to the head of
+   the queue, to be recomputed (prompt plus the tokens it already has) later;
+2. waiting requests join free slots, on the replica with the most free slots
+   (then pages), as long as their pages fit and the step's prefill token budget
+   lasts;
+3. per replica, the new rows are prefilled with the stage ``prefill`` program
+   (the other rows' block tables point at the reserved page, so their caches
+   are untouched) and the rows that were already running take one ``decode``
+   step; every replica's work is issued before any result is read;
+4. each row's next token is sampled with its own parameters (key
+   ``request_key(seed, 0, step)``, so a seed gives the same tokens whatever the
+   batch mates), and finished sequences (EOS, stop token ids, ``max_tokens``,
+   the context limit) free their pages at once.
+
+``Engine.generate`` runs requests to the end; ``Engine.stream`` is an async
+iterator fed by a background thread (``Engine.start``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import functools
+import itertools
+import math
+import random
+import threading
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hexjax.errors import ConfigError
+from hexjax.models.config import ModelConfig
+from hexjax.models.sampling import request_key
+from hexjax.runtime.pages import PageAllocator, pages_for
+
+
+# ----------------------------------------------------------------------------- parameters and results
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded and when it stops."""
+
+    max_tokens: int = 16
+    """Most new tokens."""
+    temperature: float = 0.0
+    """0: greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    """Seed of the request's random stream (token ``t`` uses ``request_key(seed, 0, t)``); None: a random one."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Tokens that end the sequence (kept in the output, as the EOS token is)."""
+    ignore_eos: bool = False
+    """Do not stop at the engine's EOS token."""
+    min_tokens: int = 0
+    """Tokens generated before EOS or a stop token may come (they are masked until then)."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token already generated (OpenAI's presence penalty)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it was already generated."""
+    logprobs: int | None = None
+    """Return each generated token's log-probability (under the model's unmodified distribution) and
+    the ``logprobs`` most likely alternatives (0-20); None: none."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ConfigError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ConfigError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ConfigError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.seed is not None and not 0 <= self.seed < 2 ** 31:
+            raise ConfigError(f"seed must be in [0, 2**31), got {self.seed}")
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """What one step produced for one request (or its final state)."""
+
+    request_id: int
+    new_token_ids: list[int]
+    """Tokens generated since the last output of this request."""
+    token_ids: list[int]
+    """Every token generated so far."""
+    prompt_len: int
+    finished: bool
+    finish_reason: str | None = None
+    """"stop" (EOS or a stop token), "length" (max_tokens or the context), "abort"."""
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    """With ``SamplingParams.logprobs``: per token of ``token_ids``, (its logprob, [(token, logprob)] of
+    the most likely ones)."""
+    new_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    """The same for ``new_token_ids``."""
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    order: int
+    """Arrival order; the largest running one is the youngest, preempted first."""
+    arrival: float
+    output: list[int] = dataclasses.field(default_factory=list)
+    replica: int | None = None
+    slot: int | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    preemptions: int = 0
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    emitted: int = 0
+    logprobs: list = dataclasses.field(default_factory=list)
+    callback: Callable[[RequestOutput], None] | None = None
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt + self.output
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def _filter_row(x, temp, k, p):
+    """``hexjax.models.sampling.filter_logits`` for one row with traced parameters (same float ops)."""
+    v = x.shape[-1]
+    neg = jnp.float32(-jnp.inf)
+    x = x.astype(jnp.float32) / jnp.where(temp > 0, temp, jnp.float32(1.0))
+    kth = jnp.sort(x)[::-1][jnp.clip(k - 1, 0, v - 1)]
+    x = jnp.where((k > 0) & (k < v) & (x < kth), neg, x)
+    sorted_x = jnp.sort(x)[::-1]
+    probs = jax.nn.softmax(sorted_x)
+    before = jnp.cumsum(probs) - probs
+    cutoff = jnp.min(jnp.where(before < p, sorted_x, jnp.inf))
+    return jnp.where((p < 1.0) & (x < cutoff), neg, x)
+
+
+@functools.partial(jax.jit, static_argnames=("top",))
+def token_logprobs(logits, tokens, top: int):
+    """Log-probabilities [B] of ``tokens`` and the ``top`` most likely (values [B, top], ids [B, top])."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
+    vals, ids = jax.lax.top_k(lp, max(top, 1))
+    return chosen, vals, ids
+
+
+@functools.partial(jax.jit, static_argnames=("any_sampled",))
+def sample_rows(logits, seeds, steps, temps, top_ks, top_ps, any_sampled: bool, banned=None, counts=None,
+                presence=None, frequency=None):
+    """Next token [B] of each row, each with its own parameters; greedy rows take the argmax.
+
+    ``banned`` [B, N] (token ids, -1 = none) are masked; ``counts`` [B, V] (times each token was
+    generated) with ``presence`` / ``frequency`` [B] penalise repeats.  Left out, the logits are untouched.
+    """
+    if counts is not None:
+        logits = logits.astype(jnp.float32) - presence[:, None] * (counts > 0) - frequency[:, None] * counts
+    if banned is not None:
+        hit = (jnp.arange(logits.shape[-1])[None, None, :] == banned[:, :, None]).any(axis=1)
+        logits = jnp.where(hit, jnp.asarray(-jnp.inf, logits.dtype), logits)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if not any_sampled:
+        return greedy
+
+    def one(row, seed, step, t, k, p):
+        return jax.random.categorical(request_key(seed, 0, step), _filter_row(row, t, k, p)).astype(jnp.int32)
+
+    drawn = jax.vmap(one)(logits, seeds, steps, temps, top_ks, top_ps)
+    return jnp.where(temps > 0, drawn, greedy)
+
+
+# ----------------------------------------------------------------------------- one replica
+
+def _buckets(page_size: int, max_len: int) -> list[int]:
+    """Prefill widths: page multiples doubling up to the longest context."""
+    top = pages_for(max_len, page_size) * page_size
+    out, b = [], page_size
+    while b < top:
+        out.append(b)
+        b *= 2
+    return out + [top]
+
+
+class ReplicaEngine:
+    """One replica's stages, caches, page pools and ``max_batch`` slots."""
+
+    def __init__(self, index: int, replica, cfg: ModelConfig, params: dict, devices: list, dtype: str, *,
+                 max_batch: int, max_model_len: int, page_size: int, num_pages, attention_impl: str):
+        from hexjax.models.llama import stage_params
+        from hexjax.runtime.stage import StageKind, StageShape, stage_programs
+        self.index = index
+        stages = list(replica.stages)
+        self.dps = [s.dp for s in stages]
+        unit = math.lcm(*self.dps)
+        if max_batch % unit:
+            raise ConfigError(f"max_batch {max_batch} must be a multiple of every stage's dp (replica {index}: "
+                              f"dp {self.dps}, so a multiple of {unit})")
+        self.max_batch, self.page_size = max_batch, page_size
+        self.width = pages_for(max_model_len, page_size)
+        self.buckets = _buckets(page_size, max_model_len)
+        anon = dataclasses.replace(cfg, name="")
+        self.kinds, self.devs, self.allocators, self.params, self.caches = [], [], [], [], []
+        self.decode_progs, self.num_pages = [], []
+        self._prefill: dict[tuple[int, int], object] = {}
+        for si, st in enumerate(stages):
+            start, stop = st.layers
+            per_group = max_batch // st.dp
+            if num_pages is None:
+                pages = st.dp * (per_group * self.width + 1)
+            else:
+                pages = num_pages[si] if isinstance(num_pages, (list, tuple)) else int(num_pages)
+                pages = -(-pages // st.dp) * st.dp
+            kind = StageKind(anon, start, stop - start, embed=si == 0, head=si == len(stages) - 1,
+                             dp=st.dp, tp=st.tp, dtype=dtype, attention_impl=attention_impl)
+            devs = tuple(devices[i] for i in st.devices)
+            prog = stage_programs(kind, StageShape(max_batch, self.buckets[0], pages, page_size, self.width), devs)
+            self.kinds.append(kind)
+            self.devs.append(devs)
+            self.num_pages.append(pages)
+            self.decode_progs.append(prog)
+            self.allocators.append(PageAllocator(pages, page_size, st.dp))
+            self.params.append(prog.place_params(stage_params(
+                params, cfg, start, stop - start, embed=kind.embed, head=kind.head)))
+            self.caches.append(prog.empty_cache())
+        self.slots: list[Request | None] = [None] * max_batch
+
+    # ---- programs ----
+
+    def prefill_program(self, si: int, bucket: int):
+        from hexjax.runtime.stage import StageShape, stage_programs
+        key = (si, bucket)
+        if key not in self._prefill:
+            shape = StageShape(self.max_batch, bucket, self.num_pages[si], self.page_size, self.width)
+            self._prefill[key] = stage_programs(self.kinds[si], shape, self.devs[si])
+        return self._prefill[key]
+
+    def warmup(self) -> None:
+        """Compile decode and every prefill width now."""
+        for si, prog in enumerate(self.decode_progs):
+            prog.compiled("decode")
+            for b in self.buckets:
+                self.prefill_program(si, b).compiled("prefill")
+
+    # ---- pages ----
+
+    def group(self, slot: int, si: int) -> int:
+        return slot // (self.max_batch // self.dps[si])
+
+    def free_slots(self) -> list[int]:
+        return [i for i, r in enumerate(self.slots) if r is None]
+
+    def capacity_pages(self, si: int) -> int:
+        """Usable pages of one data-parallel range of stage ``si``."""
+        return self.allocators[si].pages_per_shard - 1
+
+    def free_pages_fraction(self) -> float:
+        return min(a.num_free() / (a.num_pages - a.num_shards) for a in self.allocators)
+
+    def fits_slot(self, slot: int, num_tokens: int) -> bool:
+        return all(a.num_free(self.group(slot, si)) >= pages_for(num_tokens, self.page_size)
+                   for si, a in enumerate(self.allocators))
+
+    def reserve(self, req: Request, num_tokens: int) -> int | None:
+        """Give ``req`` room for ``num_tokens`` at every stage; on a shortage, the stage index short."""
+        for si, a in enumerate(self.allocators):
+            g = self.group(req.slot, si)
+            need = pages_for(num_tokens, self.page_size) - len(a.pages(req.id))
+            if need > a.num_free(g):
+                return si
+        for si, a in enumerate(self.allocators):
+            a.reserve({req.id: (num_tokens, self.group(req.slot, si))})
+        return None
+
+    def release(self, req: Request) -> None:
+        for a in self.allocators:
+            if a.tokens(req.id):
+                a.free(req.id)
+        if req.slot is not None and self.slots[req.slot] is req:
+            self.slots[req.slot] = None
+        req.slot = req.replica = None
+
+    def tables(self, rows: Sequence[Request | None]) -> list[np.ndarray]:
+        out = []
+        for si, a in enumerate(self.allocators):
+            groups = [self.group(i, si) for i in range(self.max_batch)]
+            out.append(a.block_table([r.id if r is not None else None for r in rows], self.width, groups))
+        return out
+
+    def kv_usage(self) -> float:
+        return max(1 - a.num_free() / (a.num_pages - a.num_shards) for a in self.allocators)
+
+    # ---- issuing work ----
+
+    def _through(self, phase: str, x, args: tuple, tables, bucket: int | None = None):
+        for si in range(len(self.kinds)):
+            prog = self.decode_progs[si] if phase == "decode" else self.prefill_program(si, bucket)
+            x = jax.device_put(x, prog.input_sharding)
+            x, self.caches[si] = prog.compiled(phase)(self.params[si], self.caches[si], x, *args, tables[si])
+        return x
+
+    def prefill(self, new: list[Request]):
+        """Issue the prefill of ``new`` (already in their slots, pages reserved); returns logits [B, V]."""
+        rows: list[Request | None] = [None] * self.max_batch
+        for r in new:
+            rows[r.slot] = r
+        longest = max(len(r.context) for r in new)
+        bucket = next(b for b in self.buckets if b >= longest)
+        ids = np.zeros((self.max_batch, bucket), np.int32)
+        last = np.zeros((self.max_batch,), np.int32)
+        for r in new:
+            ctx = r.context
+            ids[r.slot, :len(ctx)] = ctx
+            last[r.slot] = len(ctx) - 1
+        positions = np.broadcast_to(np.arange(bucket, dtype=np.int32), ids.shape)
+        return self._through("prefill", ids, (positions, last), self.tables(rows), bucket)
+
+    def decode(self, running: list[Request]):
+        """Issue one decode step of ``running`` (pages for the fed token reserved); returns logits [B, V]."""
+        rows: list[Request | None] = [None] * self.max_batch
+        x = np.zeros((self.max_batch, 1), np.int32)
+        pos = np.zeros((self.max_batch,), np.int32)
+        for r in running:
+            rows[r.slot] = r
+            x[r.slot, 0] = r.output[-1]
+            pos[r.slot] = len(r.prompt) + len(r.output) - 1
+        return self._through("decode", x, (pos,), self.tables(rows))
+
+
+def _sample(logits, reqs: list[Request], max_batch: int, eos: int | None = None):
+    """Issue sampling of the rows of ``reqs`` from ``logits`` [B, V]; returns the device array [B]."""
+    seeds = np.zeros(max_batch, np.int32)
+    steps = np.zeros(max_batch, np.int32)
+    temps = np.zeros(max_batch, np.float32)
+    ks = np.zeros(max_batch, np.int32)
+    ps = np.ones(max_batch, np.float32)
+    for r in reqs:
+        seeds[r.slot], steps[r.slot] = r.seed, len(r.output)
+        temps[r.slot], ks[r.slot], ps[r.slot] = r.params.temperature, r.params.top_k, r.params.top_p
+    sampled = any(r.params.temperature > 0 for r in reqs)
+    extra = {}
+    bans = {r.slot: list(r.params.stop_token_ids) + ([eos] if eos is not None and not r.params.ignore_eos else [])
+            for r in reqs if len(r.output) < r.params.min_tokens}
+    bans = {k: v for k, v in bans.items() if v}
+    if bans:
+        banned = np.full((max_batch, max(map(len, bans.values()))), -1, np.int32)
+        for slot, ids in bans.items():
+            banned[slot, :len(ids)] = ids
+        extra["banned"] = banned
+    pen = [r for r in reqs if r.params.presence_penalty or r.params.frequency_penalty]
+    if pen:
+        counts = np.zeros((max_batch, logits.shape[-1]), np.float32)
+        presence = np.zeros(max_batch, np.float32)
+        frequency = np.zeros(max_batch, np.float32)
+        for r in pen:
+            if r.output:
+                counts[r.slot] = np.bincount(r.output, minlength=logits.shape[-1])[:logits.shape[-1]]
+            presence[r.slot], frequency[r.slot] = r.params.presence_penalty, r.params.frequency_penalty
+        extra.update(counts=counts, presence=presence, frequency=frequency)
+    toks = sample_rows(logits, seeds, steps, temps, ks, ps, any_sampled=sampled, **extra)
+    top = max((r.params.logprobs for r in reqs if r.params.logprobs is not None), default=None)
+    return toks, (token_logprobs(logits, toks, top) if top is not None else None)
+
+
+# ----------------------------------------------------------------------------- the engine
+
+@dataclasses.dataclass
+class EngineStats:
+    preemptions: int = 0
+    finished: int = 0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+
+
+class Engine:
+    """Continuous-batching generation through a plan's replicas.
+
+    ``model`` is a ``ModelConfig`` (random weights from ``seed``) or a loaded
+    model (``hexjax.load_hf``).  ``max_batch`` rows per replica (a multiple of
+    every stage's dp); ``num_pages`` pages per stage pool (an int, or a list per
+    stage; default: enough for every row at ``max_model_len``); ``eos_token_id``
+    ends sequences unless a request sets ``ignore_eos``.  ``metrics`` receives
+    events (``hexjax.serve.metrics.ServeMetrics``).
+    """
+
+    def __init__(self, model, plan, *, max_batch: int = 8, max_model_len: int | None = None,
+                 num_pages=None, page_size: int | None = None, eos_token_id: int | None = None,
+                 max_prefill_tokens: int | None = None, dtype: str | None = None, seed: int = 0,
+                 attention_impl: str = "auto", platform: str | None = None, metrics=None,
+                 warmup: bool = False, params: dict | None = None):
+        from hexjax.runtime.build import PAGE_SIZE
+        from hexjax.runtime.devices import plan_devices
+        from hexjax.runtime.generation import check_plan, model_params, plan_dtype
+        cfg = model if isinstance(model, ModelConfig) else getattr(model, "cfg", None)
+        if not isinstance(cfg, ModelConfig):
+            raise ConfigError(f"Engine: model must be a ModelConfig or a loaded model, got {type(model).__name__}")
+        check_plan(plan, cfg)
+        if params is None:
+            cfg, params = model_params(model, seed)
+        self.cfg, self.plan = cfg, plan
+        self.model_name = cfg.name
+        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.page_size = page_size or PAGE_SIZE
+        self.max_batch = max_batch
+        self.eos_token_id = eos_token_id
+        self.max_prefill_tokens = max_prefill_tokens or max(self.max_model_len, 2048)
+        self.dtype = dtype or plan_dtype(plan)
+        self.metrics = metrics
+        devices = plan_devices(plan, platform)
+        self.replicas = [ReplicaEngine(i, rep, cfg, params, devices, self.dtype, max_batch=max_batch,
+                                       max_model_len=self.max_model_len, page_size=self.page_size,
+                                       num_pages=num_pages, attention_impl=attention_impl)
+                         for i, rep in enumerate(plan.replicas)]
+        if warmup:
+            for r in self.replicas:
+                r.warmup()
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.requests: dict[int, Request] = {}
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        self._order = itertools.count()
+        self._rng = random.Random(seed)
+        self._lock = threading.RLock()
+        self._id_lock = threading.Lock()
+        self._inbox: collections.deque = collections.deque()
+        self._event = threading.Event()
+        self._aborted: list[RequestOutput] = []
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.error: BaseException | None = None
+
+    # ---- requests ----
+
+    def check_request(self, prompt, params: SamplingParams) -> list[int]:
+        """The prompt as a list of ints, or a ``ConfigError`` saying why the request cannot be served."""
+        if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__iter__"):
+            raise ConfigError("prompt must be a list of token ids")
+        ids = list(prompt)
+        if not ids:
+            raise ConfigError("prompt is empty; give at least one token")
+        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in ids):
+            raise ConfigError("prompt must be a list of integer token ids")
+        ids = [int(t) for t in ids]
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ConfigError(f"token ids {bad[:3]} outside the vocabulary [0, {self.cfg.vocab_size})")
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ConfigError(f"this model's maximum context length is {self.max_model_len} tokens, but the "
+                              f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) is {total}")
+        need = pages_for(total, self.page_size)
+        if not any(all(need <= rep.capacity_pages(si) for si in range(len(rep.kinds))) for rep in self.replicas):
+            raise ConfigError(f"a sequence of {total} tokens needs {need} KV pages but no replica's page pool "
+                              "holds that many per data-parallel range; ask for fewer tokens")
+        return ids
+
+    def add_request(self, prompt_ids, params: SamplingParams | None = None, *,
+                    callback: Callable[[RequestOutput], None] | None = None) -> int:
+        """Queue a request; returns its id.  ``callback`` gets each ``RequestOutput`` (engine thread)."""
+        params = params or SamplingParams()
+        ids = self.check_request(prompt_ids, params)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
+        with self._id_lock:
+            req = Request(next(self._ids), ids, params, seed, next(self._order), time.perf_counter(),
+                          callback=callback)
+            self._inbox.append(("add", req))
+        self._event.set()
+        return req.id
+
+    def abort(self, request_id: int) -> None:
+        """Drop a request (queued or running) at the next step; its pages are freed then."""
+        self._inbox.append(("abort", request_id))
+        self._event.set()
+
+    def _drain(self) -> None:
+        """Take the requests added and aborted since the last step (engine thread, lock held)."""
+        while self._inbox:
+            what, x = self._inbox.popleft()
+            if what == "add":
+                self.requests[x.id] = x
+                self.waiting.append(x)
+                if self.metrics is not None:
+                    self.metrics.on_arrival(x)
+            else:
+                self._abort(x)
+
+    def _abort(self, request_id: int) -> None:
+        with self._lock:
+            req = self.requests.get(request_id)
+            if req is None or req.finished:
+                return
+            if req in self.waiting:
+                self.waiting.remove(req)
+            if req.replica is not None:
+                self.replicas[req.replica].release(req)
+            self._finish(req, "abort")
+            self.requests.pop(req.id, None)
+            self._aborted.append(self._emit(req))
+
+    # ---- state ----
+
+    def running(self) -> list[Request]:
+        return [r for rep in self.replicas for r in rep.slots if r is not None]
+
+    @property
+    def num_running(self) -> int:
+        return sum(r is not None for rep in self.replicas for r in rep.slots)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + sum(w == "add" for w, _ in list(self._inbox))
+
+    def kv_usage(self) -> float:
+        """Fullest stage pool's used fraction, over the replicas' worst."""
+        return max(rep.kv_usage() for rep in self.replicas)
+
+    def has_work(self) -> bool:
+        return bool(self._inbox) or bool(self.waiting) or self.num_running > 0
+
+    # ---- scheduling ----
+
+    def _preempt(self, req: Request) -> None:
+        self.replicas[req.replica].release(req)
+        req.preemptions += 1
+        self.stats.preemptions += 1
+        if self.metrics is not None:
+            self.metrics.on_preemption(req)
+        # back to the queue in arrival order (ahead of anything that came later)
+        items = list(self.waiting)
+        idx = next((i for i, w in enumerate(items) if w.order > req.order), len(items))
+        self.waiting.insert(idx, req)
+
+    def _grow_running(self, rep: ReplicaEngine) -> list[Request]:
+        """Pages for every running row's next token, preempting the youngest on a shortage."""
+        for req in sorted((r for r in rep.slots if r is not None), key=lambda r: r.order):
+            while req.slot is not None:
+                short = rep.reserve(req, len(req.prompt) + len(req.output))
+                if short is None:
+                    break
+                g = rep.group(req.slot, short)
+                victims = [r for r in rep.slots if r is not None and rep.group(r.slot, short) == g]
+                self._preempt(max(victims, key=lambda r: r.order))
+        return [r for r in rep.slots if r is not None]
+
+    def _admit(self) -> dict[int, list[Request]]:
+        new: dict[int, list[Request]] = {}
+        budget = self.max_prefill_tokens
+        while self.waiting:
+            req = self.waiting[0]
+            n = len(req.context)
+            if new and n > budget:
+                break
+            best = None
+            for rep in self.replicas:
+                free = rep.free_slots()
+                if not free or any(pages_for(len(req.prompt) + req.params.max_tokens, self.page_size)
+                                   > rep.capacity_pages(si) for si in range(len(rep.kinds))):
+                    continue
+                slot = max((s for s in free if rep.fits_slot(s, n + 1)),
+                           key=lambda s: min(a.num_free(rep.group(s, si)) for si, a in enumerate(rep.allocators)),
+                           default=None)
+                if slot is None:
+                    continue
+                score = (len(free), rep.free_pages_fraction(), -rep.index)
+                if best is None or score > best[0]:
+                    best = (score, rep, slot)
+            if best is None:
+                break
+            _, rep, slot = best
+            self.waiting.popleft()
+            req.replica, req.slot = rep.index, slot
+            rep.slots[slot] = req
+            assert rep.reserve(req, n) is None
+            budget -= n
+            self.stats.prefill_tokens += n
+            new.setdefault(rep.index, []).append(req)
+        return new
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finished, req.finish_reason = True, reason
+        self.stats.finished += 1
+        if self.metrics is not None:
+            self.metrics.on_finish(req)
+
+    def _emit(self, req: Request) -> RequestOutput:
+        out = RequestOutput(req.id, req.output[req.emitted:], list(req.output), len(req.prompt), req.finished,
+                            req.finish_reason, *((list(req.logprobs), req.logprobs[req.emitted:])
+                                                 if req.params.logprobs is not None else (None, None)))
+        req.emitted = len(req.output)
+        if req.callback is not None:
+            try:
+                req.callback(out)
+            except Exception:   # a consumer that went away (closed event loop) must not stop the engine
+                pass
+        return out
+
+    def _accept(self, req: Request, token: int, now: float) -> None:
+        req.output.append(token)
+        self.stats.generated_tokens += 1
+        if req.first_token_time is None:
+            req.first_token_time = now
+            if self.metrics is not None:
+                self.metrics.on_first_token(req, now)
+        elif self.metrics is not None:
+            self.metrics.on_token(req, now)
+        req.last_token_time = now
+        p = req.params
+        if len(req.output) > p.min_tokens - 1 and (
+                (self.eos_token_id is not None and token == self.eos_token_id and not p.ignore_eos)
+                or token in p.stop_token_ids):
+            reason = "stop"
+        elif len(req.output) >= p.max_tokens or len(req.prompt) + len(req.output) >= self.max_model_len:
+            reason = "length"
+        else:
+            return
+        self.replicas[req.replica].release(req)
+        self._finish(req, reason)
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduling iteration; returns the outputs of every request that got a token."""
+        with self._lock:
+            self._drain()
+            decoding = {rep.index: self._grow_running(rep) for rep in self.replicas}
+            prefilling = self._admit()
+            issued = []
+            for rep in self.replicas:
+                for reqs, issue in ((prefilling.get(rep.index), rep.prefill), (decoding[rep.index], rep.decode)):
+                    if reqs:
+                        issued.append((reqs, _sample(issue(reqs), reqs, rep.max_batch, self.eos_token_id)))
+            outs, self._aborted = self._aborted, []
+            for reqs, (toks, lps) in issued:
+                toks = np.asarray(toks)
+                if lps is not None:
+                    chosen, vals, ids = (np.asarray(a) for a in lps)
+                now = time.perf_counter()
+                for r in reqs:
+                    if r.params.logprobs is not None:
+                        n = r.params.logprobs
+                        r.logprobs.append((float(chosen[r.slot]),
+                                           [(int(i), float(v)) for i, v in zip(ids[r.slot, :n], vals[r.slot, :n])]))
+                    self._accept(r, int(toks[r.slot]), now)
+                    outs.append(self._emit(r))
+                    if r.finished:
+                        self.requests.pop(r.id, None)
+            self.stats.steps += 1
+            if self.metrics is not None:
+                self.metrics.on_step(self)
+            return outs
+
+    # ---- whole requests ----
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None
+                 = None) -> list[RequestOutput]:
+        """Run ``prompts`` to the end (one params for all, or one each); final outputs in order."""
+        params = params if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
+        if self._thread is not None:
+            done: dict[int, RequestOutput] = {}
+            ev = threading.Event()
+            count = [0]
+
+            def cb(out, ev=ev):
+                if out.finished:
+                    done[out.request_id] = out
+                    if len(done) == count[0]:
+                        ev.set()
+            count[0] = len(prompts)
+            ids = [self.add_request(p, sp, callback=cb) for p, sp in zip(prompts, params)]
+            ev.wait()
+            return [done[i] for i in ids]
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        final: dict[int, RequestOutput] = {}
+        while len(final) < len(ids):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    # ---- background loop and streaming ----
+
+    def start(self) -> None:
+        """Run ``step`` in a background thread whenever there is work."""
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="hexjax-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stop = True
+        self._event.set()
+        self._thread.join(timeout=30)
+        self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            self._event.clear()
+            if self._stop:
+                return
+            if not self.has_work():
+                self._event.wait(timeout=1.0)
+                continue
+            try:
+                self.step()
+            except BaseException as e:   # fail every request rather than hang their streams
+                self.error = e
+                with self._lock:
+                    self._drain()
+                    for req in list(self.requests.values()):
+                        if not req.finished:
+                            self._abort(req.id)
+                raise
+
+    async def stream(self, prompt_ids, params: SamplingParams | None = None):
+        """Async iterator of ``RequestOutput``s of one request as its tokens come (starts the loop)."""
+        self.start()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        rid = self.add_request(prompt_ids, params,
+                               callback=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+        try:
+            while True:
+                out = await queue.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            self.abort(rid)
+
+    def stream_tokens(self, prompt_ids, params: SamplingParams | None = None):
+        """Async iterator of the token ids of one request."""
+        async def gen():
+            async for out in self.stream(prompt_ids, params):
+                for t in out.new_token_ids:
+                    yield t
+        return gen()

@@ -15,6 +15,7 @@ import math
 from typing import Sequence
 
 from hexjax.models.config import ModelConfig
+from hexjax.plan import format_layers
 from hexjax.runtime.pages import PagesExhaustedError, pages_for
 from hexjax.runtime.stage import StageKind, StageShape
 from hexjax.search.cost import KV_PAGE_TOKENS as PAGE_SIZE   # one page size for the plan and the run
@@ -152,6 +153,18 @@ def pool_pages(need: Sequence[int], dp: int, page_size: int, budget: int | None 
     return dp * max(2, max(need))
 
 
+def stage_kinds(cfg: ModelConfig, replica, dtype: str, attention_impl: str = "auto") -> list[StageKind]:
+    """What each stage of ``replica`` computes: its layers, embedding or head, mesh and dtype.
+
+    The model's name is dropped: it does not change a program, so equal stages
+    of equal models share compiled code.
+    """
+    anon = dataclasses.replace(cfg, name="")
+    last = len(replica.stages) - 1
+    return [StageKind(anon, st.layers[0], st.num_layers, embed=si == 0, head=si == last, dp=st.dp, tp=st.tp,
+                      dtype=dtype, attention_impl=attention_impl) for si, st in enumerate(replica.stages)]
+
+
 def build_replica(cfg: ModelConfig, replica, prompt_lens: Sequence[int], max_new_tokens: int, dtype: str,
                   options: RunOptions = RunOptions(), *, micro_batches: int | None = None,
                   page_budget: Sequence[int] | None = None) -> ReplicaBuild:
@@ -166,10 +179,8 @@ def build_replica(cfg: ModelConfig, replica, prompt_lens: Sequence[int], max_new
     layout = plan_layout(len(prompt_lens), prompt_lens, max_new_tokens, len(stages), dps, ps,
                          micro_batches or options.micro_batches)
     rows = assign_rows(len(prompt_lens), layout, dps)
-    anon = dataclasses.replace(cfg, name="")   # the name does not change the program
     built = []
-    for si, st in enumerate(stages):
-        start, stop = st.layers
+    for si, (st, kind) in enumerate(zip(stages, stage_kinds(cfg, replica, dtype, options.attention_impl))):
         if options.num_pages is not None:
             pages = options.num_pages
         else:
@@ -177,9 +188,7 @@ def build_replica(cfg: ModelConfig, replica, prompt_lens: Sequence[int], max_new
             try:
                 pages = pool_pages(need, st.dp, ps, page_budget[si] if page_budget else None)
             except PagesExhaustedError as e:
-                raise PagesExhaustedError(f"stage {si} (layers {start}-{stop - 1}): {e}") from None
-        kind = StageKind(anon, start, stop - start, embed=si == 0, head=si == len(stages) - 1,
-                         dp=st.dp, tp=st.tp, dtype=dtype, attention_impl=options.attention_impl)
+                raise PagesExhaustedError(f"stage {si} (layers {format_layers(*st.layers)}): {e}") from None
         shape = StageShape(layout.micro_batch, layout.prompt_len, pages, ps, layout.table_width)
         built.append(StageBuild(kind, shape, tuple(st.devices)))
     return ReplicaBuild(layout, rows, tuple(built))

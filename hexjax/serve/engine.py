@@ -208,7 +208,8 @@ class ReplicaEngine:
     def __init__(self, index: int, replica, cfg: ModelConfig, params: dict, devices: list, dtype: str, *,
                  max_batch: int, max_model_len: int, page_size: int, num_pages, attention_impl: str):
         from hexjax.models.llama import stage_params
-        from hexjax.runtime.stage import StageKind, StageShape, stage_programs
+        from hexjax.runtime.build import stage_kinds
+        from hexjax.runtime.stage import StageShape, stage_programs
         self.index = index
         stages = list(replica.stages)
         self.dps = [s.dp for s in stages]
@@ -219,11 +220,10 @@ class ReplicaEngine:
         self.max_batch, self.page_size = max_batch, page_size
         self.width = pages_for(max_model_len, page_size)
         self.buckets = _buckets(page_size, max_model_len)
-        anon = dataclasses.replace(cfg, name="")
         self.kinds, self.devs, self.allocators, self.params, self.caches = [], [], [], [], []
         self.decode_progs, self.num_pages = [], []
         self._prefill: dict[tuple[int, int], object] = {}
-        for si, st in enumerate(stages):
+        for si, (st, kind) in enumerate(zip(stages, stage_kinds(cfg, replica, dtype, attention_impl))):
             start, stop = st.layers
             per_group = max_batch // st.dp
             if num_pages is None:
@@ -231,8 +231,6 @@ class ReplicaEngine:
             else:
                 pages = num_pages[si] if isinstance(num_pages, (list, tuple)) else int(num_pages)
                 pages = -(-pages // st.dp) * st.dp
-            kind = StageKind(anon, start, stop - start, embed=si == 0, head=si == len(stages) - 1,
-                             dp=st.dp, tp=st.tp, dtype=dtype, attention_impl=attention_impl)
             devs = tuple(devices[i] for i in st.devices)
             prog = stage_programs(kind, StageShape(max_batch, self.buckets[0], pages, page_size, self.width), devs)
             self.kinds.append(kind)

@@ -361,10 +361,17 @@ class Plan:
 
     def validate(self, model_cfg, cluster, workload: Workload | None = None) -> None:
         """Raise :class:`PlanError` listing every violated rule."""
-        problems = self.violations(model_cfg, cluster, workload)
-        if problems:
-            raise PlanError(f"invalid plan ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n"
-                            + "\n".join(f"  - {p}" for p in problems))
+        _refuse(self.violations(model_cfg, cluster, workload))
+
+    def check_layout(self, model_cfg) -> None:
+        """Raise :class:`PlanError` listing every layout rule broken for ``model_cfg`` (no cluster needed)."""
+        _refuse(self.layout_problems(model_cfg))
+
+
+def _refuse(problems: list[str]) -> None:
+    if problems:
+        raise PlanError(f"invalid plan ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n"
+                        + "\n".join(f"  - {p}" for p in problems))
 
 
 def tp_problems(cfg, tp: int) -> list[str]:

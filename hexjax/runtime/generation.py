@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from hexjax.errors import ConfigError, PlanError
+from hexjax.errors import ConfigError
 from hexjax.models.config import ModelConfig
 from hexjax.models.prompts import check_prompts, eos_lengths
 from hexjax.models.sampling import Sampling
@@ -57,11 +57,8 @@ def model_params(model, seed: int = 0) -> tuple[ModelConfig, dict]:
 
 
 def check_plan(plan, cfg: ModelConfig) -> None:
-    """Refuse a plan whose shape does not fit the model (``Plan.layout_problems``); needs no cluster."""
-    problems = plan.layout_problems(cfg)
-    if problems:
-        raise PlanError(f"invalid plan ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n"
-                        + "\n".join(f"  - {p}" for p in problems))
+    """Refuse a plan whose shape does not fit the model (``Plan.check_layout``); needs no cluster."""
+    plan.check_layout(cfg)
 
 
 def split_requests(num_requests: int, num_replicas: int) -> list[list[int]]:

@@ -31,8 +31,8 @@ def check_fits(plan, cfg: ModelConfig, cluster, workloads, dtype: str) -> None:
                              f"{format_bytes(sp.capacity_bytes)} usable: "
                              f"{format_bytes(sp.memory_bytes - sp.capacity_bytes)} short")
     if short:
-        planned = {4: "float32", 2: "bfloat16"}.get(plan.dtype_bytes, f"{plan.dtype_bytes}-byte")
-        fix = (f"run in the plan's {planned} (drop the dtype override)" if dtype_bytes != plan.dtype_bytes
+        from hexjax.runtime.generation import plan_dtype
+        fix = (f"run in the plan's {plan_dtype(plan)} (drop the dtype override)" if dtype_bytes != plan.dtype_bytes
                else "serve fewer or shorter requests per replica, or plan again for this workload")
         raise PlanError(f"the run does not fit in {dtype}: " + "; ".join(short) + f". Fix: {fix}")
 

@@ -140,9 +140,17 @@ def generate_cmd(model: str, plan_file: Path, cluster_file: Path | None, virtual
 
 def dump_hlo_cmd(model: str | None, plan_file: Path, cluster_file: Path | None, out_dir: Path,
                  virtual_devices: int | None, batch: int | None, prompt_len: int | None,
-                 output_len: int | None, dtype: str | None, as_json: bool = False) -> dict:
+                 output_len: int | None, dtype: str | None, as_json: bool = False, task: str = "serve",
+                 seq_len: int | None = None, global_batch: int | None = None, microbatches: int = 1) -> dict:
     from hexjax.cli.plan import check_context, compile_progress, output_dir, plan_model
     from hexjax.plan import Plan
+    if task not in ("serve", "train"):
+        from hexjax.errors import ConfigError
+        raise ConfigError(f"--task must be serve or train, got {task!r}")
+    if task == "train":
+        from hexjax.cli.train import dump_train_cmd
+        return dump_train_cmd(model, plan_file, cluster_file, out_dir, virtual_devices, seq_len, global_batch,
+                              microbatches, dtype, as_json)
     if virtual_devices:
         from hexjax.runtime.devices import use_virtual_cpu_devices
         use_virtual_cpu_devices(virtual_devices)
@@ -264,9 +272,15 @@ def register(app: typer.Typer) -> None:
         output_len: int | None = typer.Option(None, "--output-len", help="New tokens (default: the plan's workload)."),
         dtype: str | None = typer.Option(None, "--dtype", help="Parameter and cache dtype (default: the plan's)."),
         as_json: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object."),
+        task: str = typer.Option("serve", "--task", help="serve (prefill/decode) or train (fwd/bwd/update)."),
+        seq_len: int | None = typer.Option(None, "--seq-len", help="With --task train: tokens per sequence."),
+        global_batch: int | None = typer.Option(
+            None, "--global-batch", help="With --task train: sequences per step over all replicas."),
+        microbatches: int = typer.Option(1, "--microbatches", help="With --task train: microbatches per replica."),
     ) -> None:
         """Compile every stage of a plan (no weights) and dump StableHLO, HLO and XLA's analyses."""
-        dump_hlo_cmd(model, plan, cluster, out, virtual_devices, batch, prompt_len, output_len, dtype, as_json)
+        dump_hlo_cmd(model, plan, cluster, out, virtual_devices, batch, prompt_len, output_len, dtype, as_json,
+                     task, seq_len, global_batch, microbatches)
 
 
 def simulated_stage_rows(run) -> list[dict]:

@@ -19,7 +19,9 @@ from hexjax.errors import ConfigError, PlanError
 def train_cmd(model: str, plan_file: Path, virtual_devices: int | None, data: Path, data_dtype: str, seq_len: int,
               global_batch: int, microbatches: int, steps: int, lr: float, warmup_steps: int,
               decay_steps: int | None, weight_decay: float, clip_norm: float, remat: bool, seed: int,
-              checkpoint_dir: Path | None, save_every: int, keep: int, resume: bool, as_json: bool) -> dict:
+              checkpoint_dir: Path | None, save_every: int, keep: int, resume: bool, as_json: bool,
+              tokenizer: Path | None = None, save_hf: Path | None = None, metrics: Path | None = None,
+              cluster_file: Path | None = None) -> dict:
     if virtual_devices:
         from hexjax.runtime.devices import use_virtual_cpu_devices
         use_virtual_cpu_devices(virtual_devices)
@@ -27,7 +29,7 @@ def train_cmd(model: str, plan_file: Path, virtual_devices: int | None, data: Pa
     from hexjax.plan import Plan
     from hexjax.train import TrainConfig, Trainer, check_batch_shape
     from hexjax.train.checkpoint import check_model, latest_step, read_meta
-    from hexjax.train.data import TokenWindows, open_tokens
+    from hexjax.train.data import TokenWindows, is_text_data, open_tokens, prepare_text
 
     if steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {steps}")
@@ -35,8 +37,19 @@ def train_cmd(model: str, plan_file: Path, virtual_devices: int | None, data: Pa
         raise ConfigError(f"--save-every must not be negative, got {save_every}")
     if (save_every or resume) and checkpoint_dir is None:
         raise ConfigError("--save-every and --resume need --checkpoint-dir")
+    text = is_text_data(data)          # missing path / unknown extension: before anything else
+    if tokenizer is not None and not text:
+        raise ConfigError(f"--tokenizer applies to text data (.txt or a folder of .txt), not the token file {data}")
     cfg = load_config(model)
     plan = Plan.load(plan_file)
+    cluster = None
+    if cluster_file is not None:
+        from hexjax.cluster import Cluster
+        cluster = Cluster.load(cluster_file)
+        used = [d for r in plan.replicas for s in r.stages for d in s.devices]
+        if used and max(used) >= cluster.num_devices:
+            raise PlanError(f"{plan_file}: the plan uses device {max(used)} but {cluster_file} has only "
+                            f"{cluster.num_devices} devices")
     plan.check_model(cfg, where=str(plan_file))
     problems = plan.layout_problems(cfg, virtual_devices)
     if problems:
@@ -52,7 +65,17 @@ def train_cmd(model: str, plan_file: Path, virtual_devices: int | None, data: Pa
         decay_steps = steps if steps > warmup_steps else 0
     config = TrainConfig(lr=lr, warmup_steps=warmup_steps, decay_steps=decay_steps, weight_decay=weight_decay,
                          clip_norm=clip_norm if clip_norm > 0 else None, remat=remat, keep_checkpoints=keep)
+    trained_tokenizer = None
+    if text:
+        if tokenizer is None and checkpoint_dir is not None and (Path(checkpoint_dir) / "tokenizer.json").is_file():
+            tokenizer = Path(checkpoint_dir) / "tokenizer.json"    # resume with the tokenizer trained before
+        beside = [d for d in (checkpoint_dir, save_hf) if d is not None]
+        data, trained_tokenizer = prepare_text(data, tokenizer, cfg.vocab_size, save_tokenizer_to=beside)
     windows = TokenWindows(open_tokens(data, data_dtype), seq_len, seed)
+    if windows.num_windows < global_batch:
+        raise ConfigError(f"{data}: {len(windows.tokens)} tokens make {windows.num_windows} windows of "
+                          f"{seq_len + 1} tokens, fewer than one batch of {global_batch}; give more data or "
+                          "a smaller --seq-len / --global-batch")
 
     source = cfg
     if Path(model).is_dir():
@@ -64,6 +87,14 @@ def train_cmd(model: str, plan_file: Path, virtual_devices: int | None, data: Pa
         meta = trainer.restore(checkpoint_dir)
         position = int(meta["extra"].get("position", trainer.step_count * global_batch))
     history = []
+    n_params = trainer.num_params
+    peak = None
+    if cluster is not None:
+        peak = sum(cluster.device(d).peak_flops for r in plan.replicas for st in r.stages for d in st.devices)
+    metrics_file = None
+    if metrics is not None:
+        Path(metrics).parent.mkdir(parents=True, exist_ok=True)
+        metrics_file = open(metrics, "a" if meta is not None else "w")
 
     def extra():
         return {"position": position, "seed": seed, "decay_steps": decay_steps}
@@ -72,19 +103,114 @@ def train_cmd(model: str, plan_file: Path, virtual_devices: int | None, data: Pa
         m = trainer.step(windows.batch(position, global_batch))
         position += global_batch
         m["step"] = trainer.step_count
+        m["tokens_per_s"] = m["tokens"] / m["seconds"]
+        if peak:
+            m["mfu"] = 6 * n_params * m["tokens_per_s"] / peak
         history.append(m)
+        if metrics_file is not None:
+            keys = ("step", "loss", "grad_norm", "lr", "tokens", "seconds", "tokens_per_s", "mfu")
+            metrics_file.write(json.dumps({k: m[k] for k in keys if k in m}) + "\n")
+            metrics_file.flush()
         if not as_json:
             typer.echo(f"step {m['step']:>5}  loss {m['loss']:.4f}  grad_norm {m['grad_norm']:.3f}  "
-                       f"lr {m['lr']:.3g}  {m['tokens'] / m['seconds']:.0f} tok/s")
+                       f"lr {m['lr']:.3g}  {m['tokens_per_s']:.0f} tok/s"
+                       + (f"  mfu {m['mfu']:.2%}" if "mfu" in m else ""))
         if save_every and trainer.step_count % save_every == 0:
             saved = trainer.save(checkpoint_dir, extra=extra())
+    if metrics_file is not None:
+        metrics_file.close()
     if checkpoint_dir is not None and saved != trainer.step_count and history:
         saved = trainer.save(checkpoint_dir, extra=extra())
+    if save_hf is not None:
+        trainer.save_hf(save_hf)
+        if tokenizer is not None and not (Path(save_hf) / "tokenizer.json").exists():
+            import shutil
+            shutil.copyfile(tokenizer, Path(save_hf) / "tokenizer.json")
+    tokens = sum(m["tokens"] for m in history)
+    seconds = sum(m["seconds"] for m in history)
     out = {"model": cfg.name, "plan": str(plan_file), "resumed_from": None if meta is None else meta["step"],
            "steps": history, "final_loss": history[-1]["loss"] if history else None,
-           "step": trainer.step_count, "checkpoint": None if saved is None else str(checkpoint_dir)}
+           "step": trainer.step_count, "checkpoint": None if saved is None else str(checkpoint_dir),
+           "params": n_params, "tokens": tokens, "seconds": seconds,
+           "tokens_per_s": tokens / seconds if seconds else None,
+           "hf_checkpoint": None if save_hf is None else str(save_hf),
+           "tokenizer": str(tokenizer or trained_tokenizer) if text else None,
+           "data_tokens": str(data) if text else None}
+    if peak and seconds:
+        out["mfu"] = 6 * n_params * tokens / seconds / peak
     if as_json:
         typer.echo(json.dumps(out))
+    return out
+
+
+def dump_train_cmd(model: str | None, plan_file: Path, cluster_file: Path | None, out_dir: Path,
+                   virtual_devices: int | None, seq_len: int | None, global_batch: int | None, microbatches: int,
+                   dtype: str | None, as_json: bool) -> dict:
+    """``hexjax dump-hlo --task train``: compile every stage's fwd, bwd and update programs (no weights)."""
+    import dataclasses
+
+    from hexjax.cli.plan import compile_progress, output_dir, plan_model
+    from hexjax.plan import Plan
+    if seq_len is None or global_batch is None:
+        raise ConfigError("--task train needs --seq-len and --global-batch (and optionally --microbatches)")
+    if virtual_devices:
+        from hexjax.runtime.devices import use_virtual_cpu_devices
+        use_virtual_cpu_devices(virtual_devices)
+    plan = Plan.load(plan_file)
+    cfg = plan_model(plan, plan_file, model)
+    if cluster_file is not None:
+        from hexjax.cluster import Cluster
+        plan.validate(cfg, Cluster.load(cluster_file))
+    problems = plan.layout_problems(cfg, virtual_devices)
+    if problems:
+        raise PlanError(f"{plan_file}: the plan cannot train {cfg.name}:\n" + "\n".join(f"  - {p}" for p in problems))
+    from hexjax.train import check_batch_shape
+    check_batch_shape(cfg, plan, global_batch, seq_len, microbatches)
+    output_dir(out_dir)
+    from hexjax.runtime import compile_devices
+    if not virtual_devices:
+        compile_devices(max(i for r in plan.replicas for s in r.stages for i in s.devices) + 1)
+    from hexjax.train.compile import dump_train_hlo, expected_argument_bytes
+    dtype = dtype or "float32"
+    with compile_progress(enabled=not as_json) as progress:
+        compiles = dump_train_hlo(plan, cfg, out_dir, seq_len, global_batch, microbatches, dtype=dtype,
+                                  progress=progress)
+    skip = ("stablehlo", "hlo", "cost", "memory")
+
+    def fields(c):
+        d = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name not in skip}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        d["expected_argument_bytes"] = expected_argument_bytes(c, cfg, dtype)
+        d["files"] = sorted(p.name for p in Path(out_dir).glob(f"{c.name}.*"))
+        return d
+    out = {"model": cfg.name, "plan": str(plan_file), "out_dir": str(out_dir), "dtype": dtype, "task": "train",
+           "seq_len": seq_len, "global_batch": global_batch, "microbatches": microbatches,
+           "summary": str(Path(out_dir) / "summary.md"), "compiles": [fields(c) for c in compiles],
+           "files": sorted(p.name for p in Path(out_dir).iterdir())}
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return out
+    from rich.console import Console
+    from rich.table import Table
+
+    from hexjax.models.config import format_bytes
+    con = Console()
+    if not con.is_terminal:
+        con = Console(width=130)
+    t = Table(title=f"{cfg.name}: XLA's training programs, per device (seq {seq_len}, global batch {global_batch}, "
+                    f"{microbatches} microbatches, {dtype})", header_style="bold")
+    for col, justify in (("stage", "left"), ("program", "left"), ("layers", "left"), ("mesh", "center"),
+                         ("XLA FLOPs", "right"), ("XLA args", "right"), ("expected", "right"),
+                         ("XLA peak", "right"), ("1F1B stash", "right"), ("compile s", "right")):
+        t.add_column(col, justify=justify)
+    for c, d in zip(compiles, out["compiles"]):
+        t.add_row(f"r{c.replica}.s{c.stage}", c.program, f"{c.layers[0]}-{c.layers[1] - 1}", f"dp{c.dp}·tp{c.tp}",
+                  f"{c.flops:.3g}", format_bytes(c.argument_bytes), format_bytes(d["expected_argument_bytes"]),
+                  format_bytes(c.peak_bytes), f"{c.stash_microbatches} x {format_bytes(c.stash_bytes // max(c.stash_microbatches, 1))}",
+                  f"{c.compile_s:.1f}")
+    con.print(t)
+    con.print(f"wrote {len(out['files'])} files to {out_dir} (summary.md; per program .hlo.txt, .stablehlo.mlir, "
+              ".cost.json, .memory.json)", highlight=False, soft_wrap=True)
     return out
 
 
@@ -95,7 +221,8 @@ def register(app: typer.Typer) -> None:
         plan: Path = typer.Option(..., "--plan", help="Plan JSON (from `hexjax plan`)."),
         virtual_devices: int | None = typer.Option(
             None, "--virtual-devices", help="Simulate the plan's devices as N virtual CPU devices."),
-        data: Path = typer.Option(..., "--data", help="Token file: a 1-D .npy array or a raw .bin of token ids."),
+        data: Path = typer.Option(..., "--data", help="Token file (1-D .npy or raw .bin of ids), a .txt file or "
+                                  "a folder of .txt files (tokenized once into a cached .npy)."),
         data_dtype: str = typer.Option("uint16", "--data-dtype", help="Integer type of a .bin token file."),
         seq_len: int = typer.Option(..., "--seq-len", help="Tokens per training sequence."),
         global_batch: int = typer.Option(..., "--global-batch", help="Sequences per step over all replicas."),
@@ -114,8 +241,15 @@ def register(app: typer.Typer) -> None:
         keep: int = typer.Option(3, "--keep", help="Checkpoints to keep."),
         resume: bool = typer.Option(False, "--resume", metavar="", help="Continue from the latest checkpoint."),
         as_json: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object."),
+        tokenizer: Path | None = typer.Option(
+            None, "--tokenizer", help="tokenizer.json for text --data (default: train a byte-level BPE on it)."),
+        save_hf: Path | None = typer.Option(
+            None, "--save-hf", help="Write the trained weights as a Hugging Face checkpoint here."),
+        metrics: Path | None = typer.Option(None, "--metrics", help="Write one JSON line per step here."),
+        cluster: Path | None = typer.Option(
+            None, "--cluster", help="Cluster TOML of the plan's devices (for MFU in the metrics)."),
     ) -> None:
         """Train a model over a plan's replicas and pipeline stages (AdamW, 1F1B)."""
         train_cmd(model, plan, virtual_devices, data, data_dtype, seq_len, global_batch, microbatches, steps, lr,
                   warmup_steps, decay_steps, weight_decay, clip_norm, remat, seed, checkpoint_dir, save_every,
-                  keep, resume, as_json)
+                  keep, resume, as_json, tokenizer, save_hf, metrics, cluster)

@@ -60,3 +60,146 @@ class TokenWindows:
             start = int(self._order(epoch)[j]) * self.seq_len
             out[i] = self.tokens[start:start + self.seq_len + 1]
         return out
+
+
+# ----------------------------------------------------------------------------- text data
+
+TOKEN_SUFFIXES = (".npy", ".bin")
+TEXT_SUFFIXES = (".txt",)
+EOT = "<|endoftext|>"
+
+
+def text_files(path) -> list[Path]:
+    """The text files of ``--data``: the file itself, or a folder's ``*.txt`` (recursively, sorted)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise ConfigError(f"{path}: the folder holds no .txt files (give a folder of .txt files, a .txt file, "
+                              "or a token file: a 1-D .npy array or a raw .bin of token ids)")
+        return files
+    if not path.exists():
+        raise ConfigError(f"{path}: no such data file (give a .txt file, a folder of .txt files, "
+                          "a 1-D .npy array or a raw .bin of token ids)")
+    if path.suffix not in TEXT_SUFFIXES:
+        raise ConfigError(f"{path}: unknown data file extension {path.suffix or '(none)'!r}; give a .txt file, "
+                          "a folder of .txt files, a 1-D .npy array or a raw .bin of token ids")
+    return [path]
+
+
+def is_text_data(path) -> bool:
+    """Whether ``--data`` names text (a .txt file or a folder) rather than a token file; raises
+    ``ConfigError`` for a missing path or an unknown extension."""
+    path = Path(path)
+    if path.is_dir():
+        return True
+    if path.suffix in TOKEN_SUFFIXES:
+        return False           # open_tokens says so when it is missing
+    if not path.exists():
+        raise ConfigError(f"{path}: no such data file (give a .txt file, a folder of .txt files, "
+                          "a 1-D .npy array or a raw .bin of token ids)")
+    text_files(path)   # raises for an unknown extension
+    return True
+
+
+def train_tokenizer(files: list[Path], vocab_size: int):
+    """A byte-level BPE (Hugging Face ``tokenizers``) trained on ``files`` with at most ``vocab_size`` ids.
+
+    Adds an ``<|endoftext|>`` token between documents when the vocabulary has room beyond the 256 bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    if vocab_size < 256:
+        raise ConfigError(f"the model's vocabulary ({vocab_size}) is smaller than the 256 bytes of a byte-level "
+                          "BPE; give --tokenizer with a tokenizer.json of at most that many ids")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = [EOT] if vocab_size > 256 else []
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(f) for f in files], trainer)
+    if tok.get_vocab_size() > vocab_size:   # cannot happen with the full byte alphabet, but check
+        raise ConfigError(f"the trained tokenizer has {tok.get_vocab_size()} ids, more than the model's {vocab_size}")
+    return tok
+
+
+def load_tokenizer(path):
+    """A Hugging Face ``tokenizers`` tokenizer from a ``tokenizer.json``."""
+    from tokenizers import Tokenizer
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such tokenizer file (give a Hugging Face tokenizer.json)")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - the library raises plain Exceptions
+        raise ConfigError(f"{path}: cannot read as a Hugging Face tokenizer.json ({e})") from None
+
+
+def _fingerprint(files: list[Path], tokenizer) -> str:
+    import hashlib
+    h = hashlib.sha256(tokenizer.to_str().encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()[:16]
+
+
+def tokenize_text(files: list[Path], tokenizer, cache_dir, vocab_size: int | None = None) -> Path:
+    """Tokenize ``files`` once into ``cache_dir/tokens-<hash>.npy`` (the hash covers the files' paths,
+    sizes, mtimes and the tokenizer) and return its path; documents are joined with ``<|endoftext|>``
+    when the tokenizer has it. Raises ``ConfigError`` when an id reaches ``vocab_size``."""
+    cache_dir = Path(cache_dir)
+    out = cache_dir / f"tokens-{_fingerprint(files, tokenizer)}.npy"
+    if out.is_file():
+        return out
+    eot = tokenizer.token_to_id(EOT)
+    parts = []
+    for i, f in enumerate(files):
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{f}: not UTF-8 text ({e})") from None
+        lines = text.splitlines(keepends=True)
+        chunks = ["".join(lines[j:j + 4096]) for j in range(0, len(lines), 4096)]
+        for enc in tokenizer.encode_batch(chunks, add_special_tokens=False) if chunks else []:
+            parts.append(np.asarray(enc.ids, np.int64))
+        if eot is not None and i < len(files) - 1:
+            parts.append(np.asarray([eot], np.int64))
+    ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    if vocab_size is not None and ids.size and int(ids.max()) >= vocab_size:
+        raise ConfigError(f"the tokenizer produced id {int(ids.max())}, outside the model's vocabulary of "
+                          f"{vocab_size}; use a tokenizer with at most {vocab_size} ids")
+    dtype = np.uint16 if (ids.max(initial=0) < 2 ** 16) else np.uint32
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / (out.stem + ".partial.npy")
+    np.save(tmp, ids.astype(dtype))
+    tmp.replace(out)
+    return out
+
+
+def prepare_text(path, tokenizer_path=None, vocab_size: int | None = None, cache_dir=None,
+                 save_tokenizer_to=()) -> tuple[Path, Path | None]:
+    """Text ``--data`` as a cached token ``.npy``: returns ``(tokens_path, trained_tokenizer_path)``.
+
+    With ``tokenizer_path`` that tokenizer is used; otherwise a byte-level BPE of at most ``vocab_size``
+    ids is trained on the text and written as ``tokenizer.json`` into every folder of
+    ``save_tokenizer_to`` (the first is returned). ``cache_dir`` defaults to ``.hexjax-tokens`` beside the data."""
+    files = text_files(path)
+    path = Path(path)
+    if cache_dir is None:
+        cache_dir = (path if path.is_dir() else path.parent) / ".hexjax-tokens"
+    trained = None
+    if tokenizer_path is not None:
+        tok = load_tokenizer(tokenizer_path)
+        if vocab_size is not None and tok.get_vocab_size() > vocab_size:
+            raise ConfigError(f"{tokenizer_path}: the tokenizer has {tok.get_vocab_size()} ids, more than the "
+                              f"model's vocabulary of {vocab_size}")
+    else:
+        if vocab_size is None:
+            raise ConfigError("text data needs --tokenizer or a model vocabulary size to train one")
+        tok = train_tokenizer(files, vocab_size)
+        for d in list(save_tokenizer_to) or [cache_dir]:
+            d = Path(d)
+            d.mkdir(parents=True, exist_ok=True)
+            tok.save(str(d / "tokenizer.json"))
+            trained = trained or d / "tokenizer.json"
+    return tokenize_text(files, tok, cache_dir, vocab_size), trained

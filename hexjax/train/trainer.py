@@ -318,6 +318,22 @@ class Trainer:
         """The optimizer state on the host, keyed by global layer (one optax state per key)."""
         return {k: jax.tree.map(np.asarray, self.replicas[r][s].state[k]) for k, ((r, s), *_) in self.holders.items()}
 
+    @property
+    def num_params(self) -> int:
+        """Parameters of the model (each key once)."""
+        return sum(int(np.prod(a.shape)) for k, ((r, s), *_) in self.holders.items()
+                   for a in jax.tree.leaves(self.replicas[r][s].step.abstract_params[k]))
+
+    def model(self):
+        """The current weights as a single-device ``LlamaModel`` (host copies, float32)."""
+        from hexjax.models.hf import LlamaModel
+        return LlamaModel(self.cfg, self.params())
+
+    def save_hf(self, directory) -> None:
+        """Write the current weights as a Hugging Face Llama checkpoint (``config.json`` +
+        ``model.safetensors``) that ``hexjax.load_hf`` and transformers' ``LlamaForCausalLM`` load."""
+        self.model().save_hf(directory)
+
     def replicas_in_sync(self) -> bool:
         """Whether every copy of every key holds the same parameters (reads them back)."""
         for k, hs in self.holders.items():

@@ -7,11 +7,16 @@
     metrics = tr.step(tokens)          # tokens [B, S+1]; {loss, grad_norm, lr, tokens, seconds}
     tr.save("ckpt")                    # keyed by global layer: restores under any other plan
     Trainer(cfg, other_plan, config=...).restore("ckpt")
+    tr.save_hf("out")                  # a Hugging Face checkpoint transformers loads
+
+    from hexjax.train import compile_train   # XLA's per-stage fwd/bwd/update, no weights
+    records = compile_train(plan, cfg, seq_len=1024, global_batch=32, microbatches=4)
 """
 
+from hexjax.train.compile import TrainCompile, compile_train
 from hexjax.train.config import TrainConfig
 from hexjax.train.optimizer import lr_schedule, make_optimizer
 from hexjax.train.schedule import one_f_one_b
 from hexjax.train.trainer import Trainer, check_batch_shape
 
-__all__ = ["TrainConfig", "Trainer", "check_batch_shape", "lr_schedule", "make_optimizer", "one_f_one_b"]
+__all__ = ["TrainCompile", "TrainConfig", "compile_train", "Trainer", "check_batch_shape", "lr_schedule", "make_optimizer", "one_f_one_b"]

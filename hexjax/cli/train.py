@@ -114,7 +114,7 @@ def train_cmd(model: str, plan_file: Path, virtual_devices: int | None, data: Pa
         if not as_json:
             typer.echo(f"step {m['step']:>5}  loss {m['loss']:.4f}  grad_norm {m['grad_norm']:.3f}  "
                        f"lr {m['lr']:.3g}  {m['tokens_per_s']:.0f} tok/s"
-                       + (f"  mfu {m['mfu']:.2%}" if "mfu" in m else ""))
+                       + (f"  mfu {100 * m['mfu']:.3g}%" if "mfu" in m else ""))
         if save_every and trainer.step_count % save_every == 0:
             saved = trainer.save(checkpoint_dir, extra=extra())
     if metrics_file is not None:

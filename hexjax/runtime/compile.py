@@ -17,8 +17,56 @@ from hexjax.runtime.build import PAGE_SIZE
 PHASES = ("prefill", "decode")
 
 
-@dataclasses.dataclass(frozen=True)
-class StageCompile:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class XlaRecord:
+    """XLA's own figures for one compiled program, per device of its mesh."""
+
+    flops: float
+    """``cost_analysis()['flops']`` of one run of the program."""
+    bytes_accessed: float
+    """``cost_analysis()['bytes accessed']``."""
+    argument_bytes: int
+    """``memory_analysis().argument_size_in_bytes`` (weights, caches, inputs)."""
+    output_bytes: int
+    """Output bytes, donated buffers included."""
+    alias_bytes: int
+    """Output bytes that reuse donated argument buffers."""
+    temp_bytes: int
+    """Temporary (workspace) bytes."""
+    peak_bytes: int
+    """XLA's peak estimate, or argument + output - alias + temp when it gives none."""
+    compile_s: float
+    """Seconds XLA took to compile the program."""
+    platform: str = ""
+    """Platform compiled for ("cpu", "gpu", ...)."""
+    stablehlo: str = dataclasses.field(default="", repr=False)
+    """StableHLO of the lowered program (when kept)."""
+    hlo: str = dataclasses.field(default="", repr=False)
+    """Optimised, partitioned HLO of one device (when kept)."""
+    cost: dict = dataclasses.field(default_factory=dict, repr=False)
+    """The whole ``cost_analysis()`` dict."""
+    memory: dict = dataclasses.field(default_factory=dict, repr=False)
+    """The ``memory_analysis()`` fields."""
+
+
+def xla_fields(compiled) -> dict:
+    """``XlaRecord`` fields read from a ``jax.stages.Compiled``'s cost and memory analyses."""
+    cost = compiled.cost_analysis() or {}
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    mem = compiled.memory_analysis()
+    memory = {f: int(getattr(mem, f)) for f in dir(mem)
+              if f.endswith("_in_bytes") and not f.startswith("_")} if mem is not None else {}
+    arg_b, out_b = memory.get("argument_size_in_bytes", 0), memory.get("output_size_in_bytes", 0)
+    alias_b, temp_b = memory.get("alias_size_in_bytes", 0), memory.get("temp_size_in_bytes", 0)
+    return dict(flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+                argument_bytes=arg_b, output_bytes=out_b, alias_bytes=alias_b, temp_bytes=temp_b,
+                peak_bytes=memory.get("peak_memory_in_bytes", 0) or (arg_b + out_b - alias_b + temp_b),
+                cost={k: float(v) for k, v in cost.items()}, memory=memory)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageCompile(XlaRecord):
     """XLA's view of one stage's program for one phase."""
 
     replica: int
@@ -51,32 +99,6 @@ class StageCompile:
     """Tokens per KV-cache page."""
     num_pages: int
     """KV-cache pages in the stage's pool (all dp ranges, reserved pages included)."""
-    flops: float
-    """XLA ``cost_analysis()['flops']`` of one run of the program, per device."""
-    bytes_accessed: float
-    """XLA ``cost_analysis()['bytes accessed']``, per device."""
-    argument_bytes: int
-    """XLA ``memory_analysis().argument_size_in_bytes`` (weights, cache, inputs)."""
-    output_bytes: int
-    """XLA output bytes (including the donated cache)."""
-    alias_bytes: int
-    """Output bytes that reuse donated argument buffers."""
-    temp_bytes: int
-    """XLA temporary (workspace) bytes."""
-    peak_bytes: int
-    """XLA's peak memory estimate, or argument + output - alias + temp when it gives none."""
-    compile_s: float
-    """Seconds XLA took to compile the program."""
-    platform: str = ""
-    """Platform compiled for ("cpu", "gpu", ...)."""
-    stablehlo: str = dataclasses.field(default="", repr=False)
-    """StableHLO of the lowered program."""
-    hlo: str = dataclasses.field(default="", repr=False)
-    """Optimised, partitioned HLO of one device."""
-    cost: dict = dataclasses.field(default_factory=dict, repr=False)
-    """The whole ``cost_analysis()`` dict."""
-    memory: dict = dataclasses.field(default_factory=dict, repr=False)
-    """The ``memory_analysis()`` fields."""
 
     @property
     def name(self) -> str:
@@ -172,21 +194,13 @@ def compile_plan(plan, cfg: ModelConfig, workload, *, dtype: str = "bfloat16", p
 def _record(prog, phase: str, ri: int, si: int, sb, layout, keep_text: bool) -> StageCompile:
     """XLA's analyses of one compiled stage program."""
     compiled = prog.compiled(phase)
-    cost = compiled.cost_analysis() or {}
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    mem = compiled.memory_analysis()
-    memory = {f: int(getattr(mem, f)) for f in dir(mem)
-              if f.endswith("_in_bytes") and not f.startswith("_")} if mem is not None else {}
-    arg_b, out_b = memory.get("argument_size_in_bytes", 0), memory.get("output_size_in_bytes", 0)
-    alias_b, temp_b = memory.get("alias_size_in_bytes", 0), memory.get("temp_size_in_bytes", 0)
-    peak = memory.get("peak_memory_in_bytes", 0) or (arg_b + out_b - alias_b + temp_b)
     k = sb.kind
     return StageCompile(
-        ri, si, phase, sb.devices, k.dp, k.tp, (k.first_layer, k.first_layer + k.num_layers),
-        layout.micro_batch, layout.num_micro, layout.micro_requests, 1 if phase == "decode" else layout.prompt_len,
-        layout.prompt_len, layout.table_width, sb.shape.page_size, sb.shape.num_pages, float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
-        arg_b, out_b, alias_b, temp_b, peak, prog.compile_seconds[phase], prog.devices[0].platform,
-        stablehlo=prog.stablehlo[phase] if keep_text else "",
-        hlo=compiled.as_text() if keep_text else "",
-        cost={key: float(v) for key, v in cost.items()}, memory=memory)
+        replica=ri, stage=si, phase=phase, devices=sb.devices, dp=k.dp, tp=k.tp,
+        layers=(k.first_layer, k.first_layer + k.num_layers), micro_batch=layout.micro_batch,
+        num_micro=layout.num_micro, micro_requests=layout.micro_requests,
+        tokens=1 if phase == "decode" else layout.prompt_len, prompt_len=layout.prompt_len,
+        table_width=layout.table_width, page_size=sb.shape.page_size, num_pages=sb.shape.num_pages,
+        compile_s=prog.compile_seconds[phase], platform=prog.devices[0].platform,
+        stablehlo=prog.stablehlo[phase] if keep_text else "", hlo=compiled.as_text() if keep_text else "",
+        **xla_fields(compiled))

@@ -21,14 +21,15 @@ import json
 import time
 from pathlib import Path
 
-from hexjax.errors import PlanError
 from hexjax.models.config import ModelConfig
+from hexjax.runtime.compile import XlaRecord
+from hexjax.plan import format_layers, format_mesh
 
 PROGRAMS = ("fwd", "bwd", "update")
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainCompile:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainCompile(XlaRecord):
     """XLA's view of one stage's training program (per device of the stage's mesh)."""
 
     replica: int
@@ -49,20 +50,6 @@ class TrainCompile:
     """1F1B bound on microbatch inputs stashed between forward and backward: min(S - s, M)."""
     stash_bytes: int
     """That many stage inputs (token ids or hidden states), per device."""
-    flops: float
-    bytes_accessed: float
-    argument_bytes: int
-    output_bytes: int
-    alias_bytes: int
-    temp_bytes: int
-    peak_bytes: int
-    """XLA's peak estimate, or argument + output - alias + temp when it gives none."""
-    compile_s: float
-    platform: str = ""
-    stablehlo: str = dataclasses.field(default="", repr=False)
-    hlo: str = dataclasses.field(default="", repr=False)
-    cost: dict = dataclasses.field(default_factory=dict, repr=False)
-    memory: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -95,16 +82,14 @@ def compile_train(plan, cfg: ModelConfig, seq_len: int, global_batch: int, micro
     import jax
     import jax.numpy as jnp
 
-    from hexjax.runtime.compile import compile_devices
-    from hexjax.runtime.stage import StageKind
+    from hexjax.runtime.build import stage_kinds
+    from hexjax.runtime.compile import compile_devices, xla_fields
     from hexjax.train.config import TrainConfig
     from hexjax.train.step import stage_step
     from hexjax.train.trainer import check_batch_shape
 
     config = config or TrainConfig()
-    problems = plan.layout_problems(cfg)
-    if problems:
-        raise PlanError(f"the plan cannot train {cfg.name}:\n" + "\n".join(f"  - {p}" for p in problems))
+    plan.check_layout(cfg)
     rows = check_batch_shape(cfg, plan, global_batch, seq_len, microbatches, replica_rows)
     used = max(i for r in plan.replicas for s in r.stages for i in s.devices) + 1
     devices = compile_devices(used)
@@ -115,9 +100,7 @@ def compile_train(plan, cfg: ModelConfig, seq_len: int, global_batch: int, micro
     for ri, rep in enumerate(plan.replicas):
         mb = rows[ri] // microbatches
         n_stages = len(rep.stages)
-        for si, st in enumerate(rep.stages):
-            kind = StageKind(cfg, st.layers[0], st.num_layers, embed=si == 0, head=si == n_stages - 1,
-                             dp=st.dp, tp=st.tp, dtype=dtype)
+        for si, (st, kind) in enumerate(zip(rep.stages, stage_kinds(cfg, rep, dtype))):
             step = stage_step(kind, tuple(devices[i] for i in st.devices), cfg1)
             params = _abstract(step.abstract_params, step.param_shardings)
             dt = jnp.dtype(dtype)
@@ -151,23 +134,13 @@ def compile_train(plan, cfg: ModelConfig, seq_len: int, global_batch: int, micro
                 t0 = time.perf_counter()
                 compiled = lowered.compile()
                 secs = time.perf_counter() - t0
-                cost = compiled.cost_analysis() or {}
-                if isinstance(cost, (list, tuple)):
-                    cost = cost[0] if cost else {}
-                mem = compiled.memory_analysis()
-                memory = {f: int(getattr(mem, f)) for f in dir(mem)
-                          if f.endswith("_in_bytes") and not f.startswith("_")} if mem is not None else {}
-                arg_b, out_b = memory.get("argument_size_in_bytes", 0), memory.get("output_size_in_bytes", 0)
-                alias_b, temp_b = memory.get("alias_size_in_bytes", 0), memory.get("temp_size_in_bytes", 0)
-                peak = memory.get("peak_memory_in_bytes", 0) or (arg_b + out_b - alias_b + temp_b)
                 rec = TrainCompile(
-                    ri, si, prog, tuple(st.devices), st.dp, st.tp, (st.layers[0], st.layers[1]), mb, microbatches,
-                    seq_len, _per_device_bytes(params), stash, stash * _per_device_bytes(x),
-                    float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)), arg_b, out_b, alias_b,
-                    temp_b, peak, secs, step.devices[0].platform,
-                    stablehlo=lowered.as_text() if keep_text else "",
-                    hlo=compiled.as_text() if keep_text else "",
-                    cost={k: float(v) for k, v in cost.items()}, memory=memory)
+                    replica=ri, stage=si, program=prog, devices=tuple(st.devices), dp=st.dp, tp=st.tp,
+                    layers=(st.layers[0], st.layers[1]), micro_batch=mb, microbatches=microbatches,
+                    seq_len=seq_len, param_bytes=_per_device_bytes(params), stash_microbatches=stash,
+                    stash_bytes=stash * _per_device_bytes(x), compile_s=secs, platform=step.devices[0].platform,
+                    stablehlo=lowered.as_text() if keep_text else "", hlo=compiled.as_text() if keep_text else "",
+                    **xla_fields(compiled))
                 done[key] = rec
                 out.append(rec)
     if progress is not None:
@@ -196,8 +169,8 @@ def summary_markdown(plan, cfg: ModelConfig, compiles: list[TrainCompile], seq_l
     for c in compiles:
         want = expected_argument_bytes(c, cfg, dtype)
         ratio = f"{c.argument_bytes / want:.3f}" if want else "-"
-        lines.append(f"| r{c.replica}.s{c.stage} | {c.program} | {c.layers[0]}-{c.layers[1] - 1} | "
-                     f"dp{c.dp}·tp{c.tp} | {c.flops:.3g} | {_fmt(c.argument_bytes)} | {_fmt(want)} | {ratio} | "
+        lines.append(f"| r{c.replica}.s{c.stage} | {c.program} | {format_layers(*c.layers)} | "
+                     f"{format_mesh(c.dp, c.tp)} | {c.flops:.3g} | {_fmt(c.argument_bytes)} | {_fmt(want)} | {ratio} | "
                      f"{_fmt(c.temp_bytes)} | {_fmt(c.peak_bytes)} | {c.stash_microbatches} x = "
                      f"{_fmt(c.stash_bytes)} | {c.compile_s:.1f} |")
     lines.append("")

@@ -30,7 +30,7 @@ import numpy as np
 from hexjax.errors import ConfigError, PlanError
 from hexjax.models.config import ModelConfig
 from hexjax.plan import Plan
-from hexjax.runtime.stage import StageKind
+from hexjax.runtime.build import stage_kinds
 from hexjax.train.config import TrainConfig
 from hexjax.train.optimizer import clip_scale, lr_schedule
 from hexjax.train.schedule import one_f_one_b
@@ -132,9 +132,7 @@ class Trainer:
         steps = {}
         for r, rep in enumerate(plan.replicas):
             row = []
-            for s, st in enumerate(rep.stages):
-                kind = StageKind(cfg, st.layers[0], st.num_layers, embed=s == 0, head=s == len(rep.stages) - 1,
-                                 dp=st.dp, tp=st.tp, dtype=dtype)
+            for s, (st, kind) in enumerate(zip(rep.stages, stage_kinds(cfg, rep, dtype))):
                 key = (kind, st.devices)
                 if key not in steps:
                     steps[key] = stage_step(kind, tuple(devices[i] for i in st.devices),

@@ -77,6 +77,12 @@ def generate_cmd(model: str, plan_file: Path, cluster_file: Path | None, virtual
                  prompt_ids: list[str], prompt: list[str], max_new_tokens: int, temperature: float,
                  top_k: int, top_p: float, seed: int, dtype: str | None, check: bool, as_json: bool,
                  eos_id: int | None = None) -> dict:
+    from hexjax.runtime import distributed
+    # one process of a `hexjax launch` run joins it first; --virtual-devices then checks the global count
+    multi = distributed.initialize_from_env()
+    if multi:
+        import jax
+        jax.devices()   # start the backends with this process's devices
     if virtual_devices:
         from hexjax.runtime.devices import use_virtual_cpu_devices
         use_virtual_cpu_devices(virtual_devices)
@@ -99,7 +105,10 @@ def generate_cmd(model: str, plan_file: Path, cluster_file: Path | None, virtual
     sampling = Sampling(temperature, top_k, top_p, seed)
     if eos_id is None and tok is not None:
         eos_id = tok.eos_token_id
-    res = run_plan(lm, plan, prompts, max_new_tokens, sampling, cluster=cluster, options=options, eos_id=eos_id)
+    across = dict(move=distributed.move, read=distributed.read, params=distributed.host_params(lm.params)) \
+        if multi else {}
+    res = run_plan(lm, plan, prompts, max_new_tokens, sampling, cluster=cluster, options=options, eos_id=eos_id,
+                   **across)
     out = {
         "model": lm.cfg.name, "random_weights": random_weights, "plan": str(plan_file),
         "prompts": prompts, "tokens": res.tokens,

@@ -150,7 +150,8 @@ def prepare_run(cfg: ModelConfig, plan, prompts: Sequence[Sequence[int]], max_ne
 
 def run_plan(model, plan, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              sampling: Sampling = Sampling(), *, cluster=None, options: RunOptions = RunOptions(),
-             keep_logits: bool = False, params=None, eos_id: int | None = None) -> GenerationResult:
+             keep_logits: bool = False, params=None, eos_id: int | None = None,
+             move=None, read=None) -> GenerationResult:
     """Generate through ``plan`` and report tokens, optional logits and timings.
 
     Runs in the plan's dtype unless ``options.dtype`` says otherwise; with a
@@ -160,7 +161,9 @@ def run_plan(model, plan, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     repeated runs of a random model need not re-initialise it.  With
     ``eos_id``, each sequence is cut after its first ``eos_id`` (the steps run
     to ``max_new_tokens`` regardless: stopping early would need the host to
-    wait for every step).
+    wait for every step).  ``move``/``read`` replace ``jax.device_put`` between
+    stages and ``np.asarray`` for results (several processes:
+    ``hexjax.runtime.distributed``).
     """
     from hexjax.runtime.pipeline import ReplicaRunner
 
@@ -171,7 +174,8 @@ def run_plan(model, plan, prompts: Sequence[Sequence[int]], max_new_tokens: int,
         cfg, params = model_params(model, options.seed)
     prompts, shares, builds, devices = run.prompts, run.shares, run.builds, run.devices
     runners = [ReplicaRunner(builds[ri], devices, params, shares[ri], [prompts[i] for i in shares[ri]],
-                             max_new_tokens, sampling, keep_logits=keep_logits) for ri in builds]
+                             max_new_tokens, sampling, keep_logits=keep_logits, move=move, read=read)
+               for ri in builds]
     t1 = time.perf_counter()
 
     # issue everything, replicas and microbatches interleaved; block only when reading results

@@ -32,9 +32,13 @@ class ReplicaRunner:
 
     def __init__(self, build: ReplicaBuild, devices: list, params: dict, requests: list[int],
                  prompts: list[list[int]], max_new_tokens: int, sampling: Sampling, *,
-                 keep_logits: bool = False):
+                 keep_logits: bool = False, move=None, read=None):
         from hexjax.models.llama import stage_params
         self.sampling, self.keep_logits = sampling, keep_logits
+        # how activations hop between stages and how results reach the host; several processes
+        # (hexjax.runtime.distributed) replace them, one process keeps jax.device_put / np.asarray
+        self._move = move or jax.device_put
+        self._read = read or np.asarray
         self.requests, self.prompts = requests, prompts
         self.max_new_tokens = max_new_tokens
         self.layout, self.rows = build.layout, build.rows
@@ -83,7 +87,7 @@ class ReplicaRunner:
 
     def _through_stages(self, m: int, x, phase: str, args: tuple, tables: list[np.ndarray]):
         for si, prog in enumerate(self.programs):
-            x = jax.device_put(x, prog.input_sharding)
+            x = self._move(x, prog.input_sharding)
             x, self.caches[si] = prog.compiled(phase)(self.params[si], self.caches[si], x, *args, tables[si])
         return x
 
@@ -129,8 +133,8 @@ class ReplicaRunner:
         out: list[list[int]] = [None] * len(self.requests)
         logits: list[np.ndarray] = [None] * len(self.requests)
         for m, rows in enumerate(self.rows):
-            toks = np.concatenate([np.asarray(t) for t in self.tokens[m]], axis=1)
-            lg = np.stack([np.asarray(x) for x in self.logits[m]], axis=1) if self.keep_logits else None
+            toks = np.concatenate([self._read(t) for t in self.tokens[m]], axis=1)
+            lg = np.stack([self._read(x) for x in self.logits[m]], axis=1) if self.keep_logits else None
             for i, r in enumerate(rows):
                 if r is not None:
                     out[r] = toks[i].tolist()

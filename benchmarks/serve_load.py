@@ -75,27 +75,32 @@ def main() -> None:
     def one(job):
         k, p, n = job
         t0 = time.perf_counter()
-        ttft = None
+        ttft, gaps = None, []
         if k % 3 == 0:
-            toks = []
+            toks, last = [], None
             for c in client.completions.create(model=name, prompt=p, max_tokens=n, temperature=0, stream=True,
                                                stream_options={"include_usage": True}):
                 if c.choices and (c.choices[0].model_extra or {}).get("token_ids"):
+                    now, new = time.perf_counter(), c.choices[0].model_extra["token_ids"]
                     if ttft is None:
-                        ttft = time.perf_counter() - t0
-                    toks += c.choices[0].model_extra["token_ids"]
+                        ttft = now - t0
+                    else:   # inter-token latency: the gap spread over the tokens the chunk brought
+                        gaps += [(now - last) / len(new)] * len(new)
+                    last = now
+                    toks += new
         else:
             r = client.completions.create(model=name, prompt=p, max_tokens=n, temperature=0)
             toks = r.choices[0].model_extra["token_ids"]
-        return k, toks, ttft, time.perf_counter() - t0
+        return k, toks, ttft, gaps, time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    failures, results = 0, {}
+    failures, results, itls = 0, {}, []
     with concurrent.futures.ThreadPoolExecutor(args.concurrency) as ex:
         for fut in concurrent.futures.as_completed([ex.submit(one, j) for j in jobs]):
             try:
-                k, toks, ttft, e2e = fut.result()
+                k, toks, ttft, gaps, e2e = fut.result()
                 results[k] = (toks, ttft, e2e)
+                itls += gaps
             except Exception as e:   # count, keep going
                 failures += 1
                 print("request failed:", e)
@@ -109,6 +114,7 @@ def main() -> None:
           f"{len(results) / wall:.2f} req/s, {tokens / wall:.1f} output tokens/s")
     print(f"TTFT (streamed) p50 {pct(ttfts, .5) * 1e3:.0f} ms p99 {pct(ttfts, .99) * 1e3:.0f} ms; "
           f"e2e p50 {pct(e2es, .5):.2f} s p99 {pct(e2es, .99):.2f} s, mean {statistics.fmean(e2es):.2f} s")
+    print(f"inter-token latency (streamed) p50 {pct(itls, .5) * 1e3:.1f} ms p99 {pct(itls, .99) * 1e3:.1f} ms")
     print(f"preemptions: {m.group(1) if m else '?'}")
     if args.check:
         if engine is None:
@@ -122,6 +128,18 @@ def main() -> None:
         print(f"greedy outputs equal single-device generation: {len(results) - bad}/{len(results)}")
     if srv is not None:
         srv.stop()
+    if engine is not None:
+        # baseline: the same prompts as one static batch through the same plan (every row runs to the
+        # longest output; only each request's own tokens count)
+        import hexjax
+        from hexjax.plan import Plan
+        plan = Plan.load(args.plan)
+        prompts, longest = [p for _, p, _ in jobs], max(n for _, _, n in jobs)
+        hexjax.run_plan(engine.cfg, plan, prompts[:2], 2)   # compile outside the timing
+        res = hexjax.run_plan(engine.cfg, plan, prompts, longest)
+        useful = sum(n for _, _, n in jobs)
+        print(f"static batch through the plan: {res.seconds:.1f} s, {useful / res.seconds:.1f} useful tokens/s "
+              f"(served {tokens / wall:.1f}: {tokens / wall / (useful / res.seconds):.2f}x)")
 
 
 if __name__ == "__main__":

@@ -144,12 +144,9 @@ def _pictures(svg: Path | None, png: Path | None, title: str, plan, cluster, pre
 
 
 def _show(plan, pred, cluster, title: str, written: list[str], search: bool) -> None:
-    from rich.console import Console
-
+    from hexjax.cli._console import table_console
     from hexjax.search.report import table, totals_text
-    con = Console()
-    if not con.is_terminal:   # piped: do not squeeze the table into 80 columns
-        con = Console(width=130)
+    con = table_console()
     con.print(table(plan, pred, cluster, title=title))
     con.print(totals_text(plan, pred, cluster, search=search))
     for w in written:

@@ -214,13 +214,11 @@ def _si(x: float) -> str:
 
 
 def _show_compiles(compiles, cfg, wl, dtype: str, out_dir: Path, files: dict[str, list[str]]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from hexjax.models.config import format_bytes
-    con = Console()
-    if not con.is_terminal:
-        con = Console(width=130)
+    from hexjax.cli._console import table_console
+    con = table_console()
     t = Table(title=f"{cfg.name}: XLA's compiled programs, per device (batch {wl.batch}, prompt {wl.prompt_len}, "
                     f"output {wl.output_len}, {dtype})", header_style="bold")
     for col, justify in (("stage", "left"), ("phase", "left"), ("layers", "left"), ("mesh", "center"),

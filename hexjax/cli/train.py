@@ -190,13 +190,11 @@ def dump_train_cmd(model: str | None, plan_file: Path, cluster_file: Path | None
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return out
-    from rich.console import Console
     from rich.table import Table
 
     from hexjax.models.config import format_bytes
-    con = Console()
-    if not con.is_terminal:
-        con = Console(width=130)
+    from hexjax.cli._console import table_console
+    con = table_console()
     t = Table(title=f"{cfg.name}: XLA's training programs, per device (seq {seq_len}, global batch {global_batch}, "
                     f"{microbatches} microbatches, {dtype})", header_style="bold")
     for col, justify in (("stage", "left"), ("program", "left"), ("layers", "left"), ("mesh", "center"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -13,6 +13,9 @@ from hexjax.models.config import ModelConfig
 from hexjax.models.prompts import check_prompts, eos_lengths
 from hexjax.models.sampling import Sampling
 from hexjax.runtime.build import RunOptions
+
+if TYPE_CHECKING:
+    from hexjax.runtime.build import ReplicaBuild
 
 
 @dataclasses.dataclass
@@ -101,7 +104,7 @@ class PreparedRun:
     """The validated prompts."""
     shares: list[list[int]]
     """Per replica, the prompts (indices) it serves."""
-    builds: dict[int, "ReplicaBuild"]
+    builds: dict[int, ReplicaBuild]
     """Per replica that serves any, its stages, rows and page pools."""
     devices: list
     """JAX device of each global device index."""

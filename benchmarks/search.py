@@ -10,6 +10,12 @@
    everywhere, even layer split) and HexGen's hand plan (TP 4/2/2, layers
    44/20/16), for several workloads.
 4. hexgen-full against a100-16 at the same workload.
+5. Training (``--train`` for these alone): search time for Llama-2-7B/13B/70B on
+   hexgen-8gpu, hexgen-full and synthetic-320 (goals 1 s, 10 s, 60 s), each run
+   stopped after ``--train-limit-s``.
+6. Training, asymmetric gain for Llama-2-13B and 7B on hexgen-8gpu, hexgen-full and
+   hexiscale-mix: the best plan against constrained searches, (a) every
+   replica the same layout and (b) symmetric (dp 1, one tp, even split).
 """
 
 from __future__ import annotations
@@ -182,10 +188,103 @@ def full_vs_a100(wl: Workload) -> None:
     print()
 
 
+class _Timeout(Exception):
+    pass
+
+
+def _within(seconds: int, fn):
+    """``fn()``, or None when it runs past ``seconds`` (reported as such: the search is exact, not bounded)."""
+    import signal
+
+    def stop(*_):
+        raise _Timeout
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        return fn()
+    except _Timeout:
+        return None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def train_search_times(models, clusters, twl, limit_s: int) -> None:
+    from hexjax.search.train_search import plan_train
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"## 5. training search time (seq_len {twl.seq_len}, global batch {twl.global_batch}, microbatches "
+          f"{'/'.join(map(str, twl.microbatches))}, remat {twl.remat}, {twl.dtype}; {os.cpu_count()} CPU cores, load "
+          f"average {busy:.1f}; runs stopped after {limit_s} s)")
+    print(f"{'model':<12} {'cluster':<14} {'GPUs':>4} {'wall s':>8} {'stages<=':>8} {'cands':>6} {'replicas':>8} "
+          f"{'stages':>10} {'rows':>14} {'M':>3} {'tok/s':>9} {'step s':>8}")
+    for m in models:
+        cfg = ModelConfig.preset(m)
+        for name in clusters:
+            c = load(name)
+            t0 = time.perf_counter()
+            try:
+                p = _within(limit_s, lambda: plan_train(cfg, c, twl))
+            except PlanError as e:
+                print(f"{m:<12} {name:<14} {c.num_devices:>4} {time.perf_counter() - t0:>8.2f}  no plan: {str(e)[:90]}")
+                continue
+            dt = time.perf_counter() - t0
+            if p is None:
+                print(f"{m:<12} {name:<14} {c.num_devices:>4} {'>' + str(limit_s):>8}  (stopped: not finished)")
+                continue
+            s, pr = p.prediction["search"], p.prediction
+            print(f"{m:<12} {name:<14} {c.num_devices:>4} {dt:>8.2f} {s['max_stages']:>8} {s['candidates']:>6} "
+                  f"{len(p.replicas):>8} {str([len(r.stages) for r in p.replicas]):>10} "
+                  f"{str(list(p.replica_rows)):>14} {p.microbatches:>3} {pr['tokens_per_s']:>9.0f} "
+                  f"{pr['step_s']:>8.2f}")
+    print()
+
+
+def train_asymmetric_gain(clusters, model: str, twl) -> None:
+    """Best plan vs (a) every replica the same layout and (b) symmetric, even split: constrained searches."""
+    from hexjax.search.train_search import Constraints, plan_train
+    cfg = ModelConfig.preset(model)
+    print(f"## 6. training, asymmetric gain ({model}, seq_len {twl.seq_len}, global batch {twl.global_batch}, "
+          f"remat {twl.remat}): tokens/s of the best plan vs (a) the best with every replica the same layout "
+          f"and (b) the best symmetric plan (dp 1, one tp, even split, equal shares)")
+    print(f"{'cluster':<14} {'best tok/s':>10} {'step s':>8} {'(a) tok/s':>10} {'gain':>6} {'(b) tok/s':>10} {'gain':>6}"
+          f"  best plan")
+    for name in clusters:
+        c = load(name)
+        row = []
+        for cons in (Constraints(), Constraints(same_layout=True), Constraints(symmetric=True)):
+            try:
+                row.append(plan_train(cfg, c, twl, constraints=cons))
+            except PlanError:
+                row.append(None)
+        best, same, sym = row
+        if best is None:
+            print(f"{name:<14} no plan")
+            continue
+        tb = best.prediction["tokens_per_s"]
+        fig = lambda p: (f"{p.prediction['tokens_per_s']:>10.0f} {tb / p.prediction['tokens_per_s']:>5.2f}x"
+                         if p is not None else f"{'none':>10} {'-':>6}")
+        shape = "; ".join(f"{r}: " + "|".join(f"{s.host}:{s.num_layers}L dp{s.dp}tp{s.tp}" for s in rep.stages)
+                          for rep, r in zip(best.replicas, best.replica_rows))
+        print(f"{name:<14} {tb:>10.0f} {best.prediction['step_s']:>8.2f} {fig(same)} {fig(sym)}  M={best.microbatches} "
+              f"{shape}")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer random clusters, Llama-2-70B only")
+    ap.add_argument("--train", action="store_true", help="only the training figures (sections 5 and 6)")
+    ap.add_argument("--train-limit-s", type=int, default=600, help="stop a training search after this long")
     args = ap.parse_args()
+    from hexjax.workload import TrainWorkload
+    twl = TrainWorkload(seq_len=4096, global_batch=32, remat="full")
+    if args.train:
+        train_search_times(["llama-2-7b", "llama-2-13b", "llama-2-70b"], ["hexgen-8gpu", "hexgen-full", "synthetic-320"],
+                           twl, args.train_limit_s)
+        for m in ("llama-2-13b", "llama-2-7b"):
+            train_asymmetric_gain(["hexgen-8gpu", "hexgen-full", "hexiscale-mix"], m, twl)
+        return
     models = ["llama-2-70b"] if args.quick else ["llama-2-70b", "llama-3-70b"]
     search_times(models, ["hexgen-8gpu", "hexgen-full", "synthetic-320"], Workload(512, 128, 16))
     optimality_gap(10 if args.quick else 50)
@@ -194,6 +293,10 @@ def main() -> None:
     hexgen8([(Workload(512, 128, 64), "throughput"), (Workload(512, 128, 16), "throughput"),
              (Workload(1024, 32, 16), "throughput"), (Workload(128, 128, 1), "latency")])
     full_vs_a100(Workload(512, 128, 16))
+    train_search_times(["llama-2-7b", "llama-2-13b", "llama-2-70b"], ["hexgen-8gpu", "hexgen-full", "synthetic-320"],
+                       twl, args.train_limit_s)
+    for m in ("llama-2-13b", "llama-2-7b"):
+        train_asymmetric_gain(["hexgen-8gpu", "hexgen-full", "hexiscale-mix"], m, twl)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,13 @@
 A cluster file (TOML) lists hosts in order; devices are numbered globally in
 that order, host by host. Bandwidths are in GB/s (1e9 bytes/s), latencies in
 microseconds and memory in GiB in the file; inside, everything is bytes,
-bytes/s and seconds. See ``examples/clusters/`` for complete files::
+bytes/s and seconds. A device may carry a measured ``profile`` sub-table
+(``hexjax calibrate`` writes it; :class:`hexjax.devices.DeviceProfile`):
+``flops_efficiency`` (per dtype, ``[[rows, efficiency], ...]``),
+``memory_efficiency``, ``link_efficiency``, ``step_overhead_us``,
+``host_copy_GBps``, ``source``; a top-level ``profiles = ["cpu.toml"]`` takes
+the ``[device.NAME]`` tables of those files (paths relative to this one; the
+file's own tables win). See ``examples/clusters/`` for complete files::
 
     name = "my-cluster"                # optional; default: the file's stem
     [network]                          # all optional
@@ -19,6 +25,8 @@ bytes/s and seconds. See ``examples/clusters/`` for complete files::
     zone = "illinois"                  # optional, default "default"
     # intra_bandwidth_GBps = 32        # optional, default: the device's link
     # intra_latency_us = 5             # optional
+    # process = 0                      # optional: the jax.distributed process driving it (default:
+                                       # host order = process order; give it on every host or none)
 
     [[network.link]]                   # optional override for one pair of hosts (symmetric)
     a = "illinois-a6000"
@@ -50,7 +58,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
-from hexjax.devices import DEVICES, DeviceSpec, lookup_device, normalize_name
+from hexjax.devices import DEVICES, KINDS, DeviceProfile, DeviceSpec, lookup_device, normalize_name
 from hexjax.errors import ConfigError
 
 GB = 1e9
@@ -86,6 +94,8 @@ class Host:
     """Device-to-device bandwidth inside the host, bytes/s per direction."""
     intra_latency_s: float
     """Device-to-device latency inside the host, seconds."""
+    process: int | None = None
+    """The ``jax.distributed`` process that drives this host (None: its position among the hosts)."""
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -102,6 +112,8 @@ class Host:
             raise ConfigError(f"host {self.name}: intra_bandwidth_Bps must be positive, got {self.intra_bandwidth_Bps!r}")
         if not _is_number(self.intra_latency_s) or not self.intra_latency_s >= 0:
             raise ConfigError(f"host {self.name}: intra_latency_s must be >= 0, got {self.intra_latency_s!r}")
+        if self.process is not None and (not _is_int(self.process) or self.process < 0):
+            raise ConfigError(f"host {self.name}: process must be a non-negative integer, got {self.process!r}")
 
     @property
     def devices(self) -> range:
@@ -181,6 +193,8 @@ class Cluster:
                     f"before it end at {next_device}; devices are numbered host by host")
             index[host.name] = k
             next_device += host.count
+
+        _check_processes(self.hosts, where)
 
         # Every non-catalogue device a host uses is listed, so to_dict can write it.
         custom = {d.name: d for d in self.custom_devices}
@@ -280,6 +294,8 @@ class Cluster:
                 entry["intra_bandwidth_GBps"] = _export_GBps(h.intra_bandwidth_Bps)
             if h.intra_latency_s != DEFAULT_INTRA_LATENCY_US / 1e6:
                 entry["intra_latency_us"] = _export_us(h.intra_latency_s)
+            if h.process is not None:
+                entry["process"] = h.process
             hosts.append(entry)
         out: dict[str, Any] = {"name": self.name, "network": network, "host": hosts}
         if self.custom_devices:
@@ -290,6 +306,7 @@ class Cluster:
                 "intra_bandwidth_GBps": _export_GBps(d.intra_bandwidth_Bps),
                 "price_per_hour": d.price_per_hour,
                 "kind": d.kind,
+                **({"profile": profile_to_dict(d.profile)} if d.profile is not None else {}),
             } for d in self.custom_devices}
         return out
 
@@ -302,7 +319,7 @@ class Cluster:
             for row in rows:
                 lines += ["", f"[[{section}]]"] + [f"{k} = {_toml_value(v)}" for k, v in row.items()]
         for dev_name, fields in d.get("device", {}).items():
-            lines += ["", f"[device.{_toml_key(dev_name)}]"] + [f"{k} = {_toml_value(v)}" for k, v in fields.items()]
+            lines += devices_toml(dev_name, fields)
         return "\n".join(lines) + "\n"
 
     def fingerprint(self) -> str:
@@ -348,6 +365,21 @@ class Cluster:
     def total_peak_flops(self) -> float:
         """Peak dense FLOP/s summed over all devices."""
         return sum(h.count * h.device.peak_flops for h in self.hosts)
+
+    @property
+    def num_processes(self) -> int:
+        """``jax.distributed`` processes the cluster needs: one per host unless hosts say ``process = K``."""
+        return max(self.process_of_host(k) for k in range(len(self.hosts))) + 1
+
+    def process_of_host(self, k: int) -> int:
+        """The process driving host ``k`` (its ``process`` field, else ``k``: host order is process order)."""
+        self._check_host(k)
+        p = self.hosts[k].process
+        return k if p is None else p
+
+    def hosts_of_process(self, p: int) -> tuple[Host, ...]:
+        """The hosts process ``p`` drives, in file order."""
+        return tuple(h for k, h in enumerate(self.hosts) if self.process_of_host(k) == p)
 
     def host_index(self, name: str) -> int:
         """Index of the host called ``name``."""
@@ -402,12 +434,14 @@ class Cluster:
 
 # ---- parsing with precise error messages ----
 
-_TOP_KEYS = ("name", "network", "host", "device")
+_TOP_KEYS = ("name", "network", "host", "device", "profiles")
 _NETWORK_KEYS = ("bandwidth_GBps", "latency_us", "cross_zone_bandwidth_GBps", "cross_zone_latency_us", "link")
-_HOST_KEYS = ("name", "device", "count", "zone", "intra_bandwidth_GBps", "intra_latency_us")
+_HOST_KEYS = ("name", "device", "count", "zone", "intra_bandwidth_GBps", "intra_latency_us", "process")
 _LINK_KEYS = ("a", "b", "bandwidth_GBps", "latency_us")
 _DEVICE_KEYS = ("base", "memory_GiB", "tflops", "memory_bandwidth_GBps", "intra_bandwidth_GBps",
-                "price_per_hour", "kind")
+                "price_per_hour", "kind", "profile")
+_PROFILE_KEYS = ("flops_efficiency", "memory_efficiency", "link_efficiency", "step_overhead_us", "host_copy_GBps",
+                 "source")
 
 
 class _Reader:
@@ -463,7 +497,13 @@ def _parse(d: Any, source: str) -> Cluster:
     default_name = Path(source).stem if not source.startswith("<") else "cluster"
     name = r.string(top, "name", "name", default_name)
 
-    devices = _parse_devices(r, top.get("device", {}))
+    raw_devices = _included_devices(r, top.get("profiles", []), source)
+    own = top.get("device", {})
+    if isinstance(own, dict):
+        raw_devices.update(own)   # the file's own tables win over included profiles
+    else:
+        raw_devices = own         # let _parse_devices say what is wrong
+    devices = _parse_devices(r, raw_devices)
 
     net = r.table(top.get("network", {}), "network", _NETWORK_KEYS, "write a [network] table")
     net_bw = r.number(net, "bandwidth_GBps", "network.bandwidth_GBps", DEFAULT_NETWORK_BANDWIDTH_GBPS) * GB
@@ -501,7 +541,13 @@ def _parse(d: Any, source: str) -> Cluster:
         intra_bw = device.intra_bandwidth_Bps if intra_bw == -1.0 else intra_bw * GB
         intra_lat = r.number(t, "intra_latency_us", f"{where}.intra_latency_us", DEFAULT_INTRA_LATENCY_US,
                              positive=False) / 1e6
-        hosts.append(Host(host_name, device, count, zone, first, intra_bw, intra_lat))
+        process = None
+        if "process" in t:
+            process = t["process"]
+            if not _is_int(process) or process < 0:
+                raise r.fail(f"{where}.process", f"expected a non-negative integer, got {_describe(process)}",
+                             "write process = 0 for the first process, 1 for the next, ...")
+        hosts.append(Host(host_name, device, count, zone, first, intra_bw, intra_lat, process))
         first += count
 
     raw_links = net.get("link", [])
@@ -543,6 +589,30 @@ def _parse(d: Any, source: str) -> Cluster:
     return Cluster(tuple(hosts), net_bw, net_lat, cz_bw, cz_lat, tuple(links), custom, name=name, source=source)
 
 
+def _check_processes(hosts: tuple[Host, ...], where: str) -> None:
+    """``process`` fields: on every host or on none; processes 0, 1, ... each drive at least one host, in
+    host order (devices are numbered host by host and JAX numbers them process by process)."""
+    given = [h for h in hosts if h.process is not None]
+    if not given:
+        return
+    if len(given) != len(hosts):
+        lacking = next(h.name for h in hosts if h.process is None)
+        raise ConfigError(f"{where}: host {lacking!r} has no process field but other hosts do; set process = K "
+                          "on every [[host]] or on none (then host order is process order)")
+    prev = hosts[0]
+    if prev.process != 0:
+        raise ConfigError(f"{where}: the first host {prev.name!r} is process {prev.process}; processes start at 0 "
+                          "and follow the host order (list process 0's hosts first)")
+    for h in hosts[1:]:
+        if h.process not in (prev.process, prev.process + 1):
+            raise ConfigError(
+                f"{where}: host {h.name!r} is process {h.process} after host {prev.name!r} of process "
+                f"{prev.process}; list hosts in process order with no gaps (process {prev.process} or "
+                f"{prev.process + 1} comes next), since devices are numbered host by host and JAX numbers "
+                "them process by process")
+        prev = h
+
+
 def _parse_devices(r: _Reader, raw: Any) -> dict[str, DeviceSpec]:
     if not isinstance(raw, dict):
         raise r.fail("device", f"expected tables [device.NAME], got {_describe(raw)}",
@@ -578,8 +648,10 @@ def _parse_devices(r: _Reader, raw: Any) -> dict[str, DeviceSpec]:
                       DEFAULT_CUSTOM_INTRA_BANDWIDTH_GBPS)
         price = field("price_per_hour", base and base.price_per_hour, positive=False)
         kind = r.string(t, "kind", f"{where}.kind", base.kind if base else "gpu")
-        if kind not in ("gpu", "tpu"):
-            raise r.fail(f"{where}.kind", f"unknown kind {kind!r}", "use \"gpu\" or \"tpu\"")
+        if kind not in KINDS:
+            raise r.fail(f"{where}.kind", f"unknown kind {kind!r}", "use \"gpu\", \"tpu\" or \"cpu\"")
+        profile = _parse_profile(r, t["profile"], f"{where}.profile") if "profile" in t else \
+            (base.profile if base else None)
         # Unchanged fields keep the base's exact values (no unit round trip).
         out[dev_name] = DeviceSpec(
             name=dev_name,
@@ -591,12 +663,73 @@ def _parse_devices(r: _Reader, raw: Any) -> dict[str, DeviceSpec]:
                                  else intra * GB),
             price_per_hour=price,
             kind=kind,
+            profile=profile,
         )
         if out[dev_name] == DEVICES.get(dev_name):
             out[dev_name] = DEVICES[dev_name]
         if out[dev_name].memory_bytes <= 0:
             raise r.fail(f"{where}.memory_GiB", f"rounds to {out[dev_name].memory_bytes} bytes", "use a larger value")
     return out
+
+
+def _included_devices(r: _Reader, paths: Any, source: str) -> dict[str, Any]:
+    """The ``[device.NAME]`` tables of the profile files a cluster file lists in ``profiles = [...]``
+    (paths relative to the cluster file), later files winning."""
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise r.fail("profiles", f"expected an array of file paths, got {_describe(paths)}",
+                     'write profiles = ["my-device.toml"] (files written by `hexjax calibrate`)')
+    base = Path(source).parent if not source.startswith("<") else Path.cwd()
+    out: dict[str, Any] = {}
+    for k, p in enumerate(paths):
+        path = base / p
+        if not path.is_file():
+            raise r.fail(f"profiles[{k}]", f"no such profile file {str(path)!r}",
+                         "write it with `hexjax calibrate --out FILE` or fix the path (relative to the cluster file)")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise r.fail(f"profiles[{k}]", f"{path} is not valid TOML ({e})", "fix or rewrite the profile") from None
+        tables = data.get("device")
+        if not isinstance(tables, dict) or not tables:
+            raise r.fail(f"profiles[{k}]", f"{path} has no [device.NAME] table",
+                         "use a file written by `hexjax calibrate`")
+        out.update(tables)
+    return out
+
+
+def _parse_profile(r: _Reader, raw: Any, where: str) -> DeviceProfile:
+    t = r.table(raw, where, _PROFILE_KEYS, f"write [{where}] with measured figures (`hexjax calibrate` does)")
+    curves_raw = t.get("flops_efficiency")
+    if not isinstance(curves_raw, dict) or not curves_raw:
+        raise r.fail(f"{where}.flops_efficiency", f"expected a table of dtype = [[rows, efficiency], ...], "
+                     f"got {_describe(curves_raw) if curves_raw is not None else 'nothing'}",
+                     "write e.g. float32 = [[1, 0.05], [256, 0.9]]")
+    curves = {}
+    for dtype, pts in curves_raw.items():
+        ok = isinstance(pts, list) and pts and all(
+            isinstance(p, list) and len(p) == 2 and all(_is_number(x) and math.isfinite(x) for x in p) for p in pts)
+        if not ok or any(not (p[0] >= 1 and 0 < p[1] <= 4) for p in pts):
+            raise r.fail(f"{where}.flops_efficiency.{dtype}", f"expected [[rows >= 1, efficiency in (0, 4]], ...], "
+                         f"got {pts!r}", "write pairs such as [[1, 0.05], [256, 0.9]]")
+        curves[dtype] = tuple(tuple(p) for p in pts)
+    source = t.get("source", "")
+    if not isinstance(source, str):
+        raise r.fail(f"{where}.source", f"expected a string, got {_describe(source)}", 'write source = "..."')
+    return DeviceProfile(
+        flops_efficiency=tuple(curves.items()),
+        memory_efficiency=r.number(t, "memory_efficiency", f"{where}.memory_efficiency", 1.0),
+        link_efficiency=r.number(t, "link_efficiency", f"{where}.link_efficiency", 1.0),
+        step_overhead_s=r.number(t, "step_overhead_us", f"{where}.step_overhead_us", 0.0, positive=False) / 1e6,
+        host_copy_Bps=r.number(t, "host_copy_GBps", f"{where}.host_copy_GBps", 0.0, positive=False) * GB,
+        source=source)
+
+
+def profile_to_dict(p: DeviceProfile) -> dict[str, Any]:
+    """A profile as the ``[device.NAME.profile]`` table it is read from."""
+    return {"flops_efficiency": {k: [list(pt) for pt in pts] for k, pts in p.flops_efficiency},
+            "memory_efficiency": p.memory_efficiency, "link_efficiency": p.link_efficiency,
+            "step_overhead_us": _export_us(p.step_overhead_s), "host_copy_GBps": _export_GBps(p.host_copy_Bps),
+            "source": p.source}
 
 
 # ---- small helpers ----
@@ -648,6 +781,20 @@ def _export_us(x: float) -> int | float:
     return _export(x, lambda g: g / 1e6, lambda s: s * 1e6)
 
 
+def devices_toml(dev_name: str, fields: dict[str, Any]) -> list[str]:
+    """Lines of one ``[device.NAME]`` table (with its profile sub-tables)."""
+    key = f"device.{_toml_key(dev_name)}"
+    flat = {k: v for k, v in fields.items() if not isinstance(v, dict)}
+    lines = ["", f"[{key}]"] + [f"{k} = {_toml_value(v)}" for k, v in flat.items()]
+    profile = fields.get("profile")
+    if profile is not None:
+        lines += ["", f"[{key}.profile]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in profile.items() if not isinstance(v, dict)]
+        lines += ["", f"[{key}.profile.flops_efficiency]"]
+        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in profile["flops_efficiency"].items()]
+    return lines
+
+
 def _toml_key(key: str) -> str:
     return key if key and all(c.isalnum() or c in "-_" for c in key) else json.dumps(key)
 
@@ -659,4 +806,6 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, str):
         return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")

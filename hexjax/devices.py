@@ -24,12 +24,76 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 
 from hexjax.errors import ConfigError
 
 GiB = 2**30
 GB = 1e9
 TFLOPS = 1e12
+KINDS = ("gpu", "tpu", "cpu")
+"""Device kinds (``cpu``: a host measured by ``hexjax calibrate``)."""
+
+
+DTYPE_NAMES = {4: "float32", 2: "bfloat16"}
+"""The element widths the cost model meets, by the dtype name a profile keys its curves with."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceProfile:
+    """Measured efficiencies of a device (``hexjax calibrate``), used by the cost model instead of its
+    datasheet constants. Efficiencies are fractions of the :class:`DeviceSpec`'s own peak figures."""
+
+    flops_efficiency: tuple[tuple[str, tuple[tuple[float, float], ...]], ...]
+    """Per dtype name, ``(rows, efficiency)`` points sorted by rows: the matmul rate reached with that many
+    rows (tokens) against the weights, as a share of ``peak_flops``; log-linear between points, flat outside."""
+    memory_efficiency: float = 1.0
+    """Share of ``memory_bandwidth_Bps`` that streaming reads reach."""
+    link_efficiency: float = 1.0
+    """Share of ``intra_bandwidth_Bps`` that collectives reach."""
+    step_overhead_s: float = 0.0
+    """Fixed time of launching one stage's program for one step (dispatch), beyond its FLOP and byte bounds."""
+    host_copy_Bps: float = 0.0
+    """Host to device copy rate (0: not measured); reported, not yet used by the cost model."""
+    source: str = ""
+    """Where the figures come from (tool, date, software)."""
+
+    def __post_init__(self):
+        curves = tuple((str(k), tuple((float(r), float(e)) for r, e in sorted(pts)))
+                       for k, pts in (self.flops_efficiency.items() if isinstance(self.flops_efficiency, dict)
+                                      else self.flops_efficiency))
+        object.__setattr__(self, "flops_efficiency", curves)
+        if not curves:
+            raise ConfigError("device profile: flops_efficiency needs a curve for at least one dtype")
+        for dtype, pts in curves:
+            if not pts or any(not (r >= 1 and 0 < e <= 4) for r, e in pts):
+                raise ConfigError(f"device profile: flops_efficiency.{dtype} must be [rows >= 1, efficiency in "
+                                  f"(0, 4]] pairs, got {list(pts)!r}")
+        for field in ("memory_efficiency", "link_efficiency"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 4:
+                raise ConfigError(f"device profile: {field} must be in (0, 4], got {v!r}")
+        for field in ("step_overhead_s", "host_copy_Bps"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ConfigError(f"device profile: {field} must be >= 0, got {v!r}")
+
+    def efficiency(self, dtype_bytes: int, rows: float) -> float:
+        """Matmul efficiency at ``rows`` rows in the dtype of ``dtype_bytes`` bytes (nearest width measured)."""
+        curves = dict(self.flops_efficiency)
+        name = DTYPE_NAMES.get(dtype_bytes)
+        if name not in curves:  # e.g. only float32 measured: use the closest width there is
+            widths = {v: k for k, v in DTYPE_NAMES.items()}
+            name = min(curves, key=lambda k: abs(widths.get(k, 0) - dtype_bytes))
+        pts = curves[name]
+        x = math.log(max(float(rows), 1.0))
+        if x <= math.log(pts[0][0]):
+            return pts[0][1]
+        for (r0, e0), (r1, e1) in zip(pts, pts[1:]):
+            x0, x1 = math.log(r0), math.log(r1)
+            if x <= x1:
+                return e0 + (e1 - e0) * (x - x0) / (x1 - x0) if x1 > x0 else e1
+        return pts[-1][1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +113,9 @@ class DeviceSpec:
     price_per_hour: float
     """Typical on-demand price of one device for one hour, in dollars."""
     kind: str = "gpu"
-    """``"gpu"`` or ``"tpu"``."""
+    """``"gpu"``, ``"tpu"`` or ``"cpu"``."""
+    profile: DeviceProfile | None = None
+    """Measured efficiencies (``hexjax calibrate``); ``None``: the cost model's datasheet constants."""
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.strip():
@@ -63,8 +129,10 @@ class DeviceSpec:
         if isinstance(self.price_per_hour, bool) or not isinstance(self.price_per_hour, (int, float)) \
                 or not self.price_per_hour >= 0:
             raise ConfigError(f"device {self.name}: price_per_hour must be >= 0, got {self.price_per_hour!r}")
-        if self.kind not in ("gpu", "tpu"):
-            raise ConfigError(f"device {self.name}: kind must be 'gpu' or 'tpu', got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise ConfigError(f"device {self.name}: kind must be 'gpu', 'tpu' or 'cpu', got {self.kind!r}")
+        if self.profile is not None and not isinstance(self.profile, DeviceProfile):
+            raise ConfigError(f"device {self.name}: profile must be a DeviceProfile, got {type(self.profile).__name__}")
 
 
 def _spec(name, memory_GiB, tflops, memory_GBps, intra_GBps, price, kind="gpu") -> DeviceSpec:
@@ -108,6 +176,9 @@ _CATALOGUE = [
     _spec("RTX-4090", 24, 165.2, 1008, 25, 0.34),
     # Cloud TPU v5e docs (197 TF bf16, 16 GiB HBM2, 819 GB/s, ICI 1600 Gbps over 4 links); Google Cloud $1.20/chip.
     _spec("TPU-v5e", 16, 197, 819, 50, 1.20, kind="tpu"),
+    # A800 SXM4 80GB datasheet (A100-class: 312 TF bf16 dense, 2039 GB/s; NVLink cut to 400 GB/s bidir);
+    # sold in China only, no US on-demand list price: taken at the A100-80G's $1.79.
+    _spec("A800", 80, 312, 2039, 200, 1.79),
 ]
 
 DEVICES: dict[str, DeviceSpec] = {d.name: d for d in _CATALOGUE}
@@ -120,7 +191,7 @@ _ALIASES = {
     "h100sxm5": "H100-SXM", "h200sxm": "H200",
     "3090": "RTX-3090", "3090ti": "RTX-3090Ti", "4090": "RTX-4090",
     "geforcertx3090": "RTX-3090", "geforcertx3090ti": "RTX-3090Ti", "geforcertx4090": "RTX-4090",
-    "v10016gb": "V100", "v10032gb": "V100-32G", "v5e": "TPU-v5e", "tpuv5litepod": "TPU-v5e",
+    "v10016gb": "V100", "v10032gb": "V100-32G", "a80080gb": "A800", "a800sxm80gb": "A800", "v5e": "TPU-v5e", "tpuv5litepod": "TPU-v5e",
 }
 
 

@@ -82,6 +82,152 @@ class Replica:
         return tuple(d for s in self.stages for d in s.devices)
 
 
+ROUTING_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteBucket:
+    """Requests up to these sizes go to these replicas (a bound of None is unbounded)."""
+
+    replicas: tuple[int, ...]
+    """Replica indices that serve the bucket (the least loaded of them takes a request)."""
+    max_prompt_len: int | None = None
+    """Largest prompt of the bucket."""
+    max_output_len: int | None = None
+    """Largest output of the bucket."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "replicas", tuple(self.replicas))
+
+    def holds(self, prompt_len: int, output_len: int) -> bool:
+        return ((self.max_prompt_len is None or prompt_len <= self.max_prompt_len)
+                and (self.max_output_len is None or output_len <= self.max_output_len))
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        if self.max_prompt_len is not None:
+            d["max_prompt_len"] = self.max_prompt_len
+        if self.max_output_len is not None:
+            d["max_output_len"] = self.max_output_len
+        d["replicas"] = list(self.replicas)
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """Request-size buckets, tried in order; the first that holds a request names its replicas.
+
+    The last bucket is unbounded, so every request has a place. Saved in the
+    plan JSON as ``"routing": {"version": 1, "buckets": [...]}``.
+    """
+
+    buckets: tuple[RouteBucket, ...]
+    """Buckets in the order they are tried."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "buckets", tuple(self.buckets))
+
+    def route(self, prompt_len: int, output_len: int) -> tuple[int, ...]:
+        """Replicas allowed to serve a request of these sizes."""
+        return next(b.replicas for b in self.buckets if b.holds(prompt_len, output_len))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": ROUTING_VERSION, "buckets": [b.to_dict() for b in self.buckets]}
+
+    @staticmethod
+    def from_dict(d: Any, num_replicas: int, where: str = "routing") -> "Routing":
+        def fail(problem: str) -> PlanError:
+            return PlanError(f"{where}: {problem}")
+
+        if not isinstance(d, dict) or not isinstance(d.get("buckets"), list) or not d["buckets"]:
+            raise fail('must be {"version": 1, "buckets": [{"max_prompt_len": N, "replicas": [...]}, ..., '
+                       '{"replicas": [...]}]}')
+        if d.get("version") != ROUTING_VERSION:
+            raise fail(f"version is {d.get('version')!r}; this hexjax reads routing version {ROUTING_VERSION}")
+        extra = sorted(set(d) - {"version", "buckets"})
+        if extra:
+            raise fail(f"unknown field(s) {', '.join(extra)}; known: buckets, version")
+        buckets = []
+        for i, b in enumerate(d["buckets"]):
+            at = f"buckets[{i}]"
+            if not isinstance(b, dict):
+                raise fail(f"{at}: must be an object with replicas (and max_prompt_len / max_output_len)")
+            extra = sorted(set(b) - {"replicas", "max_prompt_len", "max_output_len"})
+            if extra:
+                raise fail(f"{at}: unknown field(s) {', '.join(extra)}; known: max_output_len, max_prompt_len, "
+                           "replicas")
+            reps = b.get("replicas")
+            if not (isinstance(reps, list) and reps and all(_is_int(r) and 0 <= r < num_replicas for r in reps)):
+                raise fail(f"{at}.replicas: must be a non-empty list of replica indices 0..{num_replicas - 1}, "
+                           f"got {reps!r}")
+            bounds = {}
+            for k in ("max_prompt_len", "max_output_len"):
+                v = b.get(k)
+                if v is not None and (not _is_int(v) or v < 1):
+                    raise fail(f"{at}.{k}: must be a positive integer or absent, got {v!r}")
+                bounds[k] = v
+            buckets.append(RouteBucket(tuple(reps), **bounds))
+        last = buckets[-1]
+        if last.max_prompt_len is not None or last.max_output_len is not None:
+            raise fail("the last bucket must have no bounds (it takes every request the others do not); "
+                       "drop its max_prompt_len/max_output_len or add an unbounded bucket")
+        return Routing(tuple(buckets))
+
+
+TRAINING_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    """What a training plan adds: its workload, microbatches per replica and each replica's batch share.
+
+    Saved in the plan JSON as ``"training": {"version": 1, "workload": {...}, "microbatches": M,
+    "replica_rows": [...]}``; serving plans have none.
+    """
+
+    workload: Any
+    """The ``TrainWorkload`` the plan was made for."""
+    microbatches: int
+    """Microbatches every replica splits its share into."""
+    replica_rows: tuple[int, ...]
+    """Sequences per step of each replica (they sum to the global batch)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "replica_rows", tuple(self.replica_rows))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": TRAINING_VERSION, "workload": self.workload.to_dict(), "microbatches": self.microbatches,
+                "replica_rows": list(self.replica_rows)}
+
+    @staticmethod
+    def from_dict(d: Any, num_replicas: int, where: str = "training") -> "TrainSpec":
+        from hexjax.workload import TrainWorkload
+
+        def fail(problem: str) -> PlanError:
+            return PlanError(f"{where}: {problem}")
+
+        if not isinstance(d, dict):
+            raise fail("must be an object with workload, microbatches and replica_rows")
+        extra = sorted(set(d) - {"version", "workload", "microbatches", "replica_rows"})
+        if extra:
+            raise fail(f"unknown field(s) {', '.join(extra)}; known: microbatches, replica_rows, version, workload")
+        if d.get("version", TRAINING_VERSION) != TRAINING_VERSION:
+            raise fail(f"version is {d.get('version')!r}; this hexjax reads training version {TRAINING_VERSION}")
+        try:
+            wl = TrainWorkload.from_dict(d.get("workload"), where=f"{where}.workload")
+        except ValueError as e:
+            raise PlanError(str(e)) from None
+        m, rows = d.get("microbatches"), d.get("replica_rows")
+        if not _is_int(m) or m < 1:
+            raise fail(f"microbatches must be a positive integer, got {m!r}")
+        if not (isinstance(rows, list) and len(rows) == num_replicas and all(_is_int(r) and r >= 1 for r in rows)):
+            raise fail(f"replica_rows must list a positive share for each of the {num_replicas} replicas, "
+                       f"got {rows!r}")
+        if sum(rows) != wl.global_batch:
+            raise fail(f"replica_rows {rows} sum to {sum(rows)}, not the global batch {wl.global_batch}")
+        return TrainSpec(wl, m, tuple(rows))
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Replicas of a model over a cluster, with what they were planned for."""
@@ -100,6 +246,10 @@ class Plan:
     """Bytes per parameter and activation element (2 for bf16)."""
     prediction: dict | None = None
     """Predictions saved with the plan (see ``Prediction.to_dict``)."""
+    routing: Routing | None = None
+    """Which replicas serve which request sizes (None: any replica serves any request)."""
+    training: TrainSpec | None = None
+    """A training plan's workload, microbatches and batch shares (None for serving plans)."""
 
     def __post_init__(self):
         object.__setattr__(self, "replicas", tuple(self.replicas))
@@ -110,6 +260,20 @@ class Plan:
     def single_device(model: str, num_layers: int, device: int = 0) -> "Plan":
         """Every layer on one device."""
         return Plan(model, "", (Replica((Stage((0, num_layers), (device,)),)),))
+
+    def route(self, prompt_len: int, output_len: int) -> tuple[int, ...] | None:
+        """Replicas that may serve a request of these sizes per the routing table (None: any replica)."""
+        return None if self.routing is None else self.routing.route(prompt_len, output_len)
+
+    @property
+    def microbatches(self) -> int | None:
+        """A training plan's microbatches per replica (None for serving plans)."""
+        return None if self.training is None else self.training.microbatches
+
+    @property
+    def replica_rows(self) -> tuple[int, ...] | None:
+        """A training plan's sequences per step of each replica (None for serving plans)."""
+        return None if self.training is None else self.training.replica_rows
 
     @property
     def devices(self) -> tuple[int, ...]:
@@ -124,7 +288,11 @@ class Plan:
                              "dtype_bytes": self.dtype_bytes}
         if self.workload is not None:
             d["workload"] = self.workload.to_dict()
+        if self.training is not None:
+            d["training"] = self.training.to_dict()
         d["replicas"] = [{"stages": [s.to_dict() for s in r.stages]} for r in self.replicas]
+        if self.routing is not None:
+            d["routing"] = self.routing.to_dict()
         if self.prediction is not None:
             d["prediction"] = self.prediction
         return d
@@ -133,6 +301,7 @@ class Plan:
         """Indented JSON with each stage on one line."""
         d = self.to_dict()
         reps = d.pop("replicas")
+        routing = d.pop("routing", None)
         pred = d.pop("prediction", None)
         lines = ["{"] + [f"  {json.dumps(k)}: {json.dumps(v)}," for k, v in d.items()]
         lines.append('  "replicas": [')
@@ -141,7 +310,12 @@ class Plan:
             lines += [f"      {json.dumps(s)}" + ("," if j < len(r["stages"]) - 1 else "")
                       for j, s in enumerate(r["stages"])]
             lines.append("    ]}" + ("," if i < len(reps) - 1 else ""))
-        lines.append("  ]" + ("," if pred is not None else ""))
+        lines.append("  ]" + ("," if routing is not None or pred is not None else ""))
+        if routing is not None:
+            lines.append('  "routing": {"version": %d, "buckets": [' % routing["version"])
+            lines += [f"    {json.dumps(b)}" + ("," if j < len(routing["buckets"]) - 1 else "")
+                      for j, b in enumerate(routing["buckets"])]
+            lines.append("  ]}" + ("," if pred is not None else ""))
         if pred is not None:
             body = json.dumps(pred, indent=2).replace("\n", "\n  ")
             lines.append(f'  "prediction": {body}')
@@ -170,7 +344,7 @@ class Plan:
         if not isinstance(d, dict):
             raise fail("top level", "must be a JSON object")
         known = {"version", "model", "cluster_fingerprint", "objective", "dtype", "dtype_bytes", "workload",
-                 "replicas", "prediction"}
+                 "replicas", "prediction", "routing", "training"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise fail("top level", f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -232,7 +406,13 @@ class Plan:
         if not isinstance(fp, str) or not isinstance(objective, str):
             raise fail("cluster_fingerprint/objective", "must be strings")
         prediction = d.get("prediction")
-        return Plan(model, fp, tuple(replicas), workload, objective, dtype_bytes, prediction)
+        routing = None
+        if d.get("routing") is not None:
+            routing = Routing.from_dict(d["routing"], len(replicas), where=f"{where}: routing")
+        training = None
+        if d.get("training") is not None:
+            training = TrainSpec.from_dict(d["training"], len(replicas), where=f"{where}: training")
+        return Plan(model, fp, tuple(replicas), workload, objective, dtype_bytes, prediction, routing, training)
 
     # ---- validation ----
 

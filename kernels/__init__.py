@@ -9,6 +9,9 @@
   decode token per sequence, q[B,Hq,D], pages[Hkv,num_pages,page_size,D],
   block_tables[B,max_pages] int32, lengths[B] int32 -> [B,Hq,D]; split-K over the
   context so a single long sequence still fills the GPU.
+- ``paged_chunk_attention_reference(q, k_pages, v_pages, block_tables, positions)``:
+  a chunk of queries q[B,S,Hq,D] at positions[b] + i over the sequence's cached pages
+  (chunked prefill); jnp only, no Pallas kernel yet.
 - ``write_kv(k_pages, v_pages, k_new, v_new, block_tables, positions)``: scatter
   k_new/v_new[B,N,Hkv,D] to positions[b] + n through the block tables; in place
   when the pages are donated.
@@ -29,10 +32,11 @@ if __name__ != "hexjax.kernels":   # reached as top-level `kernels`: see hexjax/
     from hexjax._toplevel import step_aside
     step_aside(__name__, __path__[0])
 else:
-    from hexjax.kernels.dispatch import attention, decode_attention, stage_kernels, write_kv
+    from hexjax.kernels.dispatch import attention, decode_attention, stage_chunk_attention, stage_kernels, write_kv
     from hexjax.kernels.flash_attention import flash_attention, flash_attention_reference
     from hexjax.kernels.kv_cache import write_kv_reference
-    from hexjax.kernels.paged_attention import paged_attention, paged_attention_reference
+    from hexjax.kernels.paged_attention import (paged_attention, paged_attention_reference,
+                                                paged_chunk_attention_reference)
     from hexjax.kernels.tuning import FlashBlockSizes, PagedBlockSizes, WriteBlockSizes, gpu_generation
 
     __all__ = [
@@ -45,7 +49,9 @@ else:
         "flash_attention_reference",
         "paged_attention",
         "paged_attention_reference",
+        "paged_chunk_attention_reference",
         "gpu_generation",
+        "stage_chunk_attention",
         "stage_kernels",
         "write_kv",
         "write_kv_reference",

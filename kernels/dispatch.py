@@ -24,7 +24,8 @@ from hexjax.kernels import shapes
 from hexjax.kernels.flash_attention import flash_attention, flash_attention_reference
 from hexjax.kernels.kv_cache import write_kv as write_kv_pallas
 from hexjax.kernels.kv_cache import write_kv_reference
-from hexjax.kernels.paged_attention import paged_attention, paged_attention_reference
+from hexjax.kernels.paged_attention import (paged_attention, paged_attention_reference,
+                                            paged_chunk_attention_reference)
 from hexjax.kernels.tuning import (GPU_PLATFORMS, FlashBlockSizes, PagedBlockSizes,
                                    WriteBlockSizes)
 
@@ -152,3 +153,17 @@ def stage_kernels(impl: str, head_dim: int, platform: str, *, device_kind: str |
             functools.partial(flash_attention, causal=True, interpret=interpret,
                               block_sizes=flash_bs),
             functools.partial(paged_attention, interpret=interpret, block_sizes=paged_bs))
+
+
+def stage_chunk_attention(impl: str, head_dim: int, platform: str, *, device_kind: str | None = None):
+    """Attention of a prompt chunk over its sequence's cached pages, for a stage on ``platform``.
+
+    ``chunk_attention(q, k_pages, v_pages, block_tables, positions) -> out`` with q[B,S,Hq,D]
+    at positions ``positions[b] + i`` (see ``paged_chunk_attention_reference``). There is no
+    Pallas kernel for it yet, so every ``impl`` gets the jnp reference (XLA fuses the gather
+    and the masked softmax); the arguments are those of ``stage_kernels`` so a kernel can be
+    chosen here later without touching the stage.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+    return paged_chunk_attention_reference

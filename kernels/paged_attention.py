@@ -258,3 +258,38 @@ def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *,
     weights = jnp.where(mask, weights, 0.0)
     out = jnp.einsum("bgrt,gbtd->bgrd", weights, v, precision=precision)
     return out.reshape(q.shape).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale",))
+def paged_chunk_attention_reference(q, k_pages, v_pages, block_tables, positions, *,
+                                    sm_scale: float | None = None):
+    """Plain-jnp attention of a chunk of queries over each sequence's pages (chunked prefill).
+
+    q[B,S,Hq,D] are the queries of tokens ``positions[b] + i`` (i < S) whose keys and values
+    are already written; query i of row b sees the cached tokens ``0 .. positions[b] + i``.
+    Pages as in ``paged_attention``. Returns [B,S,Hq,D].
+    """
+    if q.ndim != 4:
+        raise ValueError(f"paged_chunk_attention_reference: q must be [B,S,Hq,D], got shape {q.shape}")
+    shapes.check_paged(q[:, 0], k_pages, v_pages, block_tables, positions,
+                       where="paged_chunk_attention_reference")
+    batch, seq, heads, dim = q.shape
+    kv_heads, num_pages, page_size, _ = k_pages.shape
+    tokens = block_tables.shape[1] * page_size
+    scale = 1.0 / math.sqrt(dim) if sm_scale is None else sm_scale
+    precision = dot_precision(q.dtype)
+    query_pos = positions[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]          # [B, S]
+    mask = jnp.arange(tokens)[None, None, :] <= query_pos[:, :, None]                    # [B, S, T]
+    pages = jnp.clip(block_tables, 0, num_pages - 1)
+    k = k_pages[:, pages].reshape(kv_heads, batch, tokens, dim).astype(jnp.float32)
+    v = v_pages[:, pages].reshape(kv_heads, batch, tokens, dim).astype(jnp.float32)
+    seen = jnp.arange(tokens)[None, :] <= query_pos[:, -1:]                               # [B, T]
+    k = jnp.where(seen[None, :, :, None], k, 0.0)   # stale page contents never reach a product
+    v = jnp.where(seen[None, :, :, None], v, 0.0)
+    qg = q.reshape(batch, seq, kv_heads, heads // kv_heads, dim).astype(jnp.float32)
+    logits = jnp.einsum("bsgrd,gbtd->bgrst", qg, k, precision=precision) * scale
+    m = mask[:, None, None]
+    weights = jax.nn.softmax(jnp.where(m, logits, MASK_VALUE), axis=-1)
+    weights = jnp.where(m, weights, 0.0)
+    out = jnp.einsum("bgrst,gbtd->bsgrd", weights, v, precision=precision)
+    return out.reshape(q.shape).astype(q.dtype)

@@ -43,10 +43,24 @@ Stage compute time (per microbatch)
     the last position only. Bytes read: the stage's weights once plus the KV
     cache written. Decode step: ``r`` tokens at the mean context
     ``s + n / 2`` of the ``n - 1`` decode steps; bytes: weights plus the KV
-    cache read (``r (s + n/2) l 2 k_dev d_h e``). FLOPs and bytes are kept
-    apart and the slower bound wins::
+    cache read (``r (s + n/2) l 2 k_dev d_h e``). Of the embedding table only
+    the rows looked up are read (a tied LM head on the same stage reads all
+    of it). FLOPs and bytes are kept apart and the slower bound wins::
 
         t = max(flops / (c * FLOPS_EFFICIENCY), bytes / (m * MEMORY_BANDWIDTH_EFFICIENCY))
+
+    A decode step's bound is taken step by step at its own context ``s + t``
+    and averaged over the ``n - 1`` steps (:func:`mean_of_max_linear`): equal
+    to the bound at the mean context while one bound dominates throughout,
+    larger when a step crosses from weight-read bound to compute bound.
+
+Calibrated devices
+    A device with a measured profile (``hexjax calibrate``,
+    :class:`hexjax.devices.DeviceProfile`) replaces the three efficiency
+    constants by its own figures: the matmul efficiency read off its curve at
+    the matmul's rows (``r s`` tokens in a prefill, ``r`` in a decode step),
+    its memory and link efficiencies, and adds its fixed time of launching a
+    stage's program (dispatch) to each prefill and decode step.
 
 Tensor parallelism
     Two all-reduces per layer (after attention and after the MLP) of
@@ -65,7 +79,10 @@ Pipeline hops
     sends the ``b`` sampled token ids (4 bytes each) back to the first stage
     for every decode step. The receiving (or, for the token, the sending)
     stage is busy during the transfer: communication does not overlap
-    compute. A one-stage replica has no hops.
+    compute. A one-stage replica has no hops. With ``predict(...,
+    contention=True)`` a network link shared by ``k`` replicas' hops gives
+    each ``β_ij / k`` (the links are those of :func:`link_key`: an explicit
+    link, else the wide-area link between two zones, else the host pair).
 
 Replica times
     Per stage and microbatch: ``p_s`` (prefill) and ``d_s`` (one decode
@@ -245,9 +262,11 @@ class StageFigures:
     decode_flops: Any
     """FLOPs of one microbatch's decode step at ``decode_context``, per device."""
     prefill_bytes: Any
-    """Bytes one prefill reads and writes: the weights once plus the KV cache written."""
+    """Bytes one prefill reads and writes: the weights once (of the embedding table only the rows looked up)
+    plus the KV cache written."""
     decode_bytes: Any
-    """Bytes one decode step reads: the weights plus the KV cache of ``decode_context`` positions."""
+    """Bytes one decode step reads: the weights (embedding: the rows looked up) plus the KV cache of
+    ``decode_context`` positions."""
 
 
 def stage_figures(cfg: ModelConfig, num_layers, dp: int, tp: int, first: bool, last: bool, microbatches: int,
@@ -294,10 +313,15 @@ def stage_figures(cfg: ModelConfig, num_layers, dp: int, tp: int, first: bool, l
     act += rows * (cfg.num_heads / tp) * tokens * tokens * 4
     if last:
         act += rows * vocab_dev * LOGIT_BYTES
+    # the embedding table is gathered row by row, not streamed (unless the tied LM head on this stage reads it)
+    streamed = weights
+    if first and not (cfg.tie_word_embeddings and last):
+        streamed = weights - vocab_dev * h * e
     return StageFigures(
         rows, seqs, pages, weights, kv, act, tokens, pre_ctx, dec_ctx,
         prefill_flops(cfg, l, tp, last, rows, tokens, pre_ctx), decode_flops(cfg, l, tp, last, rows, dec_ctx),
-        weights + l * rows * tokens * kv_token_bytes, weights + l * rows * dec_ctx * kv_token_bytes)
+        streamed + (rows * tokens * h * e if first else 0) + l * rows * tokens * kv_token_bytes,
+        streamed + (rows * h * e if first else 0) + l * rows * dec_ctx * kv_token_bytes)
 
 
 # ---- one stage ----
@@ -329,12 +353,47 @@ class StageCost:
         return self.memory_bytes <= self.capacity_bytes
 
 
-def _allreduce_s(nbytes: float, tp: int, bandwidth_Bps: float, latency_s: float) -> float:
-    return 2 * (tp - 1) / tp * nbytes / (bandwidth_Bps * LINK_EFFICIENCY) + 2 * (tp - 1) * latency_s
+def _allreduce_s(nbytes: float, tp: int, bandwidth_Bps: float, latency_s: float,
+                 efficiency: float = LINK_EFFICIENCY) -> float:
+    return 2 * (tp - 1) / tp * nbytes / (bandwidth_Bps * efficiency) + 2 * (tp - 1) * latency_s
 
 
-def _allgather_s(nbytes: float, tp: int, bandwidth_Bps: float, latency_s: float) -> float:
-    return (tp - 1) / tp * nbytes / (bandwidth_Bps * LINK_EFFICIENCY) + (tp - 1) * latency_s
+def _allgather_s(nbytes: float, tp: int, bandwidth_Bps: float, latency_s: float,
+                 efficiency: float = LINK_EFFICIENCY) -> float:
+    return (tp - 1) / tp * nbytes / (bandwidth_Bps * efficiency) + (tp - 1) * latency_s
+
+
+def rates(device: DeviceSpec, dtype_bytes: int, rows: float) -> tuple[float, float, float, float]:
+    """``(FLOP/s, bytes/s, link efficiency, overhead per program step)`` of ``device`` for matmuls of
+    ``rows`` rows: a calibrated profile's measured curve where the device has one, else the datasheet
+    peaks times the constants above."""
+    p = device.profile
+    if p is None:
+        return (device.peak_flops * FLOPS_EFFICIENCY, device.memory_bandwidth_Bps * MEMORY_BANDWIDTH_EFFICIENCY,
+                LINK_EFFICIENCY, 0.0)
+    return (device.peak_flops * p.efficiency(dtype_bytes, rows), device.memory_bandwidth_Bps * p.memory_efficiency,
+            p.link_efficiency, p.step_overhead_s)
+
+
+def mean_of_max_linear(a0, a1, b0, b1, steps: int):
+    """Mean over ``t = 0 .. steps - 1`` of ``max(a0 + a1 t, b0 + b1 t)``, exactly (elementwise on arrays).
+
+    The two bounds of a decode step grow linearly with the context, so the slower one may change along
+    the way; the sum splits at their crossing into two arithmetic series.
+    """
+    g0, g1 = np.asarray(a0 - b0, float), np.asarray(a1 - b1, float)
+    N = steps
+    with np.errstate(divide="ignore", invalid="ignore"):
+        root = np.where(g1 != 0, -g0 / np.where(g1 != 0, g1, 1.0), 0.0)
+    # g > 0 on a suffix t >= k when rising, on a prefix t < k when falling
+    k_up = np.clip(np.floor(root) + 1, 0, N)
+    k_dn = np.clip(np.ceil(root), 0, N)
+    tri = lambda k: k * (k - 1) / 2
+    up = (N - k_up) * g0 + g1 * (tri(N) - tri(k_up))
+    dn = k_dn * g0 + g1 * tri(k_dn)
+    pos = np.where(g1 > 0, up, np.where(g1 < 0, dn, N * np.maximum(g0, 0.0)))
+    mean = b0 + b1 * (N - 1) / 2 + np.maximum(pos, 0.0) / N
+    return mean if mean.ndim else float(mean)
 
 
 def stage_cost(cfg: ModelConfig, device: DeviceSpec, intra_bandwidth_Bps: float, intra_latency_s: float,
@@ -343,21 +402,36 @@ def stage_cost(cfg: ModelConfig, device: DeviceSpec, intra_bandwidth_Bps: float,
     """Time and memory of a stage of ``num_layers`` layers on a ``(dp, tp)`` mesh of one host.
 
     ``num_layers`` may be an integer array: every field then holds one value per entry.
-    The FLOPs and bytes are :func:`stage_figures`' at the cost model's own contexts.
+    The FLOPs and bytes are :func:`stage_figures`' at the cost model's own contexts; the decode
+    step is the mean over the ``n - 1`` steps of each step's time at its own context ``s + t``
+    (``t = 1 .. n - 1``), the slower of its FLOP and byte bounds taken step by step.
     """
     f = stage_figures(cfg, num_layers, dp, tp, first, last, microbatches, microbatch, workload, dtype_bytes)
     e, h, l, r, s = dtype_bytes, cfg.hidden_size, num_layers, f.rows, f.prefill_tokens
+    n = workload.output_len
     vocab_split = vocab_per_device(cfg, tp) != cfg.vocab_size
-    peak, bw = device.peak_flops * FLOPS_EFFICIENCY, device.memory_bandwidth_Bps * MEMORY_BANDWIDTH_EFFICIENCY
-    prefill = _max(f.prefill_flops / peak, f.prefill_bytes / bw)
-    decode = _max(f.decode_flops / peak, f.decode_bytes / bw)
+    peak_p, bw, link_eff, overhead = rates(device, dtype_bytes, r * s)
+    peak_d = rates(device, dtype_bytes, r)[0]
+    prefill = _max(f.prefill_flops / peak_p, f.prefill_bytes / bw) + overhead
+    if n > 2:
+        # both bounds are linear in the context: evaluate them at the first two steps' contexts
+        g = stage_figures(cfg, num_layers, dp, tp, first, last, microbatches, microbatch, workload, dtype_bytes,
+                          decode_context=s + 2)
+        g1 = stage_figures(cfg, num_layers, dp, tp, first, last, microbatches, microbatch, workload, dtype_bytes,
+                           decode_context=s + 1)
+        c0, m0 = g1.decode_flops / peak_d, g1.decode_bytes / bw
+        decode = mean_of_max_linear(c0, g.decode_flops / peak_d - c0, m0, g.decode_bytes / bw - m0, n - 1)
+    else:
+        decode = _max(f.decode_flops / peak_d, f.decode_bytes / bw)
+    decode = decode + overhead
     if tp > 1:
         for tokens in (s, 1):
-            comm = 2 * l * _allreduce_s(r * tokens * h * e, tp, intra_bandwidth_Bps, intra_latency_s)
+            comm = 2 * l * _allreduce_s(r * tokens * h * e, tp, intra_bandwidth_Bps, intra_latency_s, link_eff)
             if first and vocab_split:
-                comm += _allreduce_s(r * tokens * h * e, tp, intra_bandwidth_Bps, intra_latency_s)
+                comm += _allreduce_s(r * tokens * h * e, tp, intra_bandwidth_Bps, intra_latency_s, link_eff)
             if last and vocab_split:
-                comm += _allgather_s(r * cfg.vocab_size * LOGIT_BYTES, tp, intra_bandwidth_Bps, intra_latency_s)
+                comm += _allgather_s(r * cfg.vocab_size * LOGIT_BYTES, tp, intra_bandwidth_Bps, intra_latency_s,
+                                     link_eff)
             if tokens == s:
                 prefill += comm
             else:
@@ -528,13 +602,16 @@ def tokens_per_dollar(throughput_tokens_per_s: float, price_per_hour: float) -> 
     return 3600.0 * throughput_tokens_per_s / price_per_hour
 
 
-def predict_replica(replica, cfg: ModelConfig, cluster, workload: Workload, dtype_bytes: int = 2) -> ReplicaPrediction:
+def predict_replica(replica, cfg: ModelConfig, cluster, workload: Workload, dtype_bytes: int = 2,
+                    link_shares: dict | None = None) -> ReplicaPrediction:
     """Evaluate one replica (a :class:`hexjax.plan.Replica`) with the formulas above.
 
     Of the microbatch options, the one that fits with the lowest latency wins
-    (if none fits, the one with the least peak memory is reported).
+    (if none fits, the one with the least peak memory is reported). ``link_shares``
+    (see :func:`link_shares`) divides a network link's bandwidth among the replicas
+    whose hops cross it.
     """
-    options = [_predict_replica(replica, cfg, cluster, workload, dtype_bytes, mb, b)
+    options = [_predict_replica(replica, cfg, cluster, workload, dtype_bytes, mb, b, link_shares)
                for mb, b in microbatch_options(workload.batch, len(replica.stages))]
     fitting = [p for p in options if p.fits]
     if fitting:
@@ -546,10 +623,48 @@ def predict_replica(replica, cfg: ModelConfig, cluster, workload: Workload, dtyp
 _stage_cost_memo = functools.lru_cache(maxsize=1 << 16)(stage_cost)
 
 
-def _predict_replica(replica, cfg, cluster, workload, dtype_bytes, mb, b) -> ReplicaPrediction:
+def link_key(cluster, a: int, b: int) -> tuple:
+    """The physical link a hop between hosts ``a`` and ``b`` crosses: an explicit ``[[network.link]]`` of the
+    pair, else the wide-area link between their zones, else (one zone) the pair's own path."""
+    ha, hb = cluster.hosts[a], cluster.hosts[b]
+    pair = frozenset((ha.name, hb.name))
+    if any(frozenset((l.a, l.b)) == pair for l in cluster.links):
+        return ("link", pair)
+    if ha.zone != hb.zone:
+        return ("zones", frozenset((ha.zone, hb.zone)))
+    return ("hosts", pair)
+
+
+def replica_links(replica, cluster) -> set:
+    """The network links (:func:`link_key`) a replica's hops cross, the token's way back included."""
+    hosts = [cluster.host_of(st.devices[0]) for st in replica.stages]
+    P = len(hosts)
+    pairs = [(hosts[k - 1], hosts[k]) for k in range(1, P)] + ([(hosts[-1], hosts[0])] if P > 1 else [])
+    return {link_key(cluster, a, b) for a, b in pairs if a != b}
+
+
+def link_shares(plan, cluster) -> dict:
+    """``{link: replicas}``: how many of ``plan``'s replicas send hops over each network link.
+
+    With batches served back to back every replica keeps its hops going, so the worst case, which
+    :func:`predict` assumes with ``contention=True``, is each of them getting ``1 / replicas`` of the link.
+    """
+    out: dict = {}
+    for rep in plan.replicas:
+        for key in replica_links(rep, cluster):
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
+def _predict_replica(replica, cfg, cluster, workload, dtype_bytes, mb, b, shares=None) -> ReplicaPrediction:
     stages = replica.stages
     P = len(stages)
     hosts = [cluster.host_of(st.devices[0]) for st in stages]
+
+    def bandwidth(a, c):
+        bw = cluster.host_bandwidth(a, c)
+        return bw / shares.get(link_key(cluster, a, c), 1) if shares and a != c else bw
+
     pre_b, dec_b, tok_b = hop_bytes(cfg, workload, b, dtype_bytes)
     preds, pre, dec = [], [], []
     for k, st in enumerate(stages):
@@ -559,11 +674,11 @@ def _predict_replica(replica, cfg, cluster, workload, dtype_bytes, mb, b) -> Rep
                              dtype_bytes)
         w_pre, w_dec = c.prefill_s, c.decode_s
         if k > 0:
-            bw, lat = cluster.host_bandwidth(hosts[k - 1], hosts[k]), cluster.host_latency(hosts[k - 1], hosts[k])
+            bw, lat = bandwidth(hosts[k - 1], hosts[k]), cluster.host_latency(hosts[k - 1], hosts[k])
             w_pre = hop_s(pre_b, bw, lat) + w_pre
             w_dec = hop_s(dec_b, bw, lat) + w_dec
         if k == P - 1 and P > 1:
-            bw, lat = cluster.host_bandwidth(hosts[k], hosts[0]), cluster.host_latency(hosts[k], hosts[0])
+            bw, lat = bandwidth(hosts[k], hosts[0]), cluster.host_latency(hosts[k], hosts[0])
             w_dec = w_dec + hop_s(tok_b, bw, lat)
         w = busy_s(w_pre, w_dec, workload)
         pre.append(w_pre)
@@ -577,10 +692,15 @@ def _predict_replica(replica, cfg, cluster, workload, dtype_bytes, mb, b) -> Rep
                              workload.batch / latency, price)
 
 
-def predict(plan, cfg: ModelConfig, cluster, workload: Workload) -> Prediction:
-    """Evaluate every replica of ``plan`` and combine them."""
+def predict(plan, cfg: ModelConfig, cluster, workload: Workload, contention: bool = False) -> Prediction:
+    """Evaluate every replica of ``plan`` and combine them.
+
+    ``contention=True`` shares each network link's bandwidth among the replicas whose hops cross it
+    (:func:`link_shares`); the search and its oracle compare replicas one by one, without it.
+    """
     dtype_bytes = plan.dtype_bytes
-    reps = tuple(predict_replica(r, cfg, cluster, workload, dtype_bytes) for r in plan.replicas)
+    shares = link_shares(plan, cluster) if contention else None
+    reps = tuple(predict_replica(r, cfg, cluster, workload, dtype_bytes, shares) for r in plan.replicas)
     memory, capacity = {}, {}
     for rep, rp in zip(plan.replicas, reps):
         for st, sp in zip(rep.stages, rp.stages):

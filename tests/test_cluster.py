@@ -63,6 +63,7 @@ EXPECTED = {  # file: (devices, hosts, zones, {device: count})
     "hexgen-full.toml": (58, 9, 4, {"RTX-3090Ti": 22, "A5000": 16, "A6000": 16, "A40": 4}),
     "hexgen-half.toml": (30, 5, 3, {"RTX-3090Ti": 22, "A5000": 8}),
     "a100-16.toml": (16, 2, 1, {"A100-40G": 16}),
+    "hexiscale-mix.toml": (8, 3, 1, {"A800": 3, "RTX-4090": 3, "RTX-3090": 2}),
     "synthetic-320.toml": (320, 40, 4, None),
 }
 

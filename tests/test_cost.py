@@ -55,12 +55,16 @@ def test_one_stage_by_hand():
     assert st.activation_bytes == act
     matmul = 2 * (h * q + 2 * h * kv + q * h + 3 * h * f)
     pre_flops = l * r * s * (matmul + 4 * 2 * 4 * (s + 1) / 2) + r * 2 * h * V
-    pre_bytes = weights + l * r * s * 2 * kv * e
+    streamed = weights - V * h * e            # the embedding table is gathered: r * s rows of it are read
+    pre_bytes = streamed + r * s * h * e + l * r * s * 2 * kv * e
     prefill = max(pre_flops / (1e9 * 0.7), pre_bytes / (1e8 * 0.8))
-    ctx = s + n / 2
-    dec_flops = l * r * (matmul + 4 * 2 * 4 * ctx) + r * 2 * h * V
-    dec_bytes = weights + l * r * ctx * 2 * kv * e
-    decode = max(dec_flops / (1e9 * 0.7), dec_bytes / (1e8 * 0.8))
+    # each decode step at its own context s + t, t = 1 .. n - 1, then averaged
+    steps = []
+    for ctx in range(s + 1, s + n):
+        dec_flops = l * r * (matmul + 4 * 2 * 4 * ctx) + r * 2 * h * V
+        dec_bytes = streamed + r * h * e + l * r * ctx * 2 * kv * e
+        steps.append(max(dec_flops / (1e9 * 0.7), dec_bytes / (1e8 * 0.8)))
+    decode = sum(steps) / len(steps)
     assert st.prefill_s == pytest.approx(prefill, rel=1e-12)
     assert st.decode_s == pytest.approx(decode, rel=1e-12)
     cycle = prefill + (n - 1) * decode
@@ -146,3 +150,75 @@ def test_memory_rule_uses_the_workload():
 def test_kv_pages_are_sized_like_the_runtime():
     from hexjax.runtime import RunOptions
     assert RunOptions().page_size == cost.KV_PAGE_TOKENS
+
+
+# ---- decode integrated over the growing context, link contention, measured profiles ----
+
+def test_mean_of_max_linear_equals_the_sum_step_by_step():
+    import random
+    rng = random.Random(0)
+    for _ in range(300):
+        a0, a1, b0, b1 = (rng.uniform(-2, 2) for _ in range(4))
+        n = rng.randint(1, 40)
+        want = sum(max(a0 + a1 * t, b0 + b1 * t) for t in range(n)) / n
+        assert cost.mean_of_max_linear(a0, a1, b0, b1, n) == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_decode_step_is_averaged_over_its_contexts():
+    # KV-heavy decode on a device whose bounds cross along the way: weight reads bound the early steps,
+    # attention FLOPs the late ones
+    big = ModelConfig("ctx", 100, 64, 128, 1, 2, 2, max_position_embeddings=4096)
+    wl = Workload(prompt_len=8, output_len=1500, batch=4)
+    dev = DeviceSpec("x", 2**34, 1.6e7, 2e7, 1e9, 1.0)     # the two bounds cross near context 500
+    c = cost.stage_cost(big, dev, 1e9, 0.0, 1, 1, 1, False, False, 1, 4, wl, 4)
+    steps = []
+    for ctx in range(wl.prompt_len + 1, wl.prompt_len + wl.output_len):
+        f = cost.stage_figures(big, 1, 1, 1, False, False, 1, 4, wl, 4, decode_context=ctx)
+        steps.append(max(f.decode_flops / (1.6e7 * cost.FLOPS_EFFICIENCY),
+                         f.decode_bytes / (2e7 * cost.MEMORY_BANDWIDTH_EFFICIENCY)))
+    assert c.decode_s == pytest.approx(sum(steps) / len(steps), rel=1e-9)
+    at_mean = cost.stage_figures(big, 1, 1, 1, False, False, 1, 4, wl, 4)
+    mean_only = max(at_mean.decode_flops / (1.6e7 * cost.FLOPS_EFFICIENCY),
+                    at_mean.decode_bytes / (2e7 * cost.MEMORY_BANDWIDTH_EFFICIENCY))
+    assert c.decode_s > mean_only * 1.01      # the crossing makes the mean of the max exceed the max at the mean
+
+
+def test_replicas_sharing_a_wide_area_link_share_its_bandwidth():
+    # two replicas, each a pipeline from zone x to zone y: their hops cross the one x-y link
+    hosts = (Host("x0", DEV, 2, "x", 0, 4e6, 2e-5), Host("y0", SLOW, 2, "y", 2, 4e6, 2e-5))
+    c = Cluster(hosts, cross_zone_bandwidth_Bps=1e5, cross_zone_latency_s=1e-3)
+    wl = Workload(prompt_len=4, output_len=3, batch=1)
+    rep = lambda a, b: Replica((Stage((0, 1), (a,)), Stage((1, 2), (b,))))
+    one = Plan("hand", "", (rep(0, 2),))
+    two = Plan("hand", "", (rep(0, 2), rep(1, 3)))
+    assert cost.link_shares(two, c) == {("zones", frozenset({"x", "y"})): 2}
+    free = cost.predict(two, CFG, c, wl)
+    shared = cost.predict(two, CFG, c, wl, contention=True)
+    alone = cost.predict(one, CFG, c, wl, contention=True)
+    assert free.replicas[0].ttft_s == pytest.approx(alone.replicas[0].ttft_s)
+    # the hop into stage 1 carries 4 tokens * 8 hidden * 2 bytes; at half the bandwidth it takes twice as long
+    hop = lambda bw: 1e-3 + 4 * 8 * 2 / (bw * cost.LINK_EFFICIENCY)
+    got = shared.replicas[1].stages[1].prefill_s - free.replicas[1].stages[1].prefill_s
+    assert got == pytest.approx(hop(0.5e5) - hop(1e5), rel=1e-9)
+    assert shared.throughput_tokens_per_s < free.throughput_tokens_per_s
+
+
+def test_a_profile_replaces_the_efficiency_constants():
+    from hexjax.devices import DeviceProfile
+    prof = DeviceProfile((("bfloat16", ((1.0, 0.1), (64.0, 0.4), (4096.0, 0.9))),), 0.5, 0.25, 3e-4)
+    dev = DeviceSpec("measured", 2**30, 1e9, 1e8, 1e7, 1.0, "cpu", prof)
+    wl = Workload(prompt_len=16, output_len=2, batch=4)
+    c = cost.stage_cost(CFG, dev, 4e6, 2e-5, 2, 1, 2, True, True, 1, 4, wl)
+    f = cost.stage_figures(CFG, 2, 1, 2, True, True, 1, 4, wl)
+    eff_p = 0.1 + (0.4 - 0.1) * math.log(64) / math.log(64)     # 4 rows x 16 tokens = 64 rows: a measured point
+    eff_d = 0.1 + (0.4 - 0.1) * math.log(4) / math.log(64)      # 4 rows: log-linear between 1 and 64
+    ring = lambda m: 2 * (2 - 1) / 2 * m / (4e6 * 0.25) + 2 * (2 - 1) * 2e-5
+    gather = (2 - 1) / 2 * 4 * 100 * 4 / (4e6 * 0.25) + (2 - 1) * 2e-5
+    # two all-reduces per layer (2 layers), the split embedding's all-reduce, the logits' all-gather
+    comm = lambda tok: 2 * 2 * ring(4 * tok * 8 * 2) + ring(4 * tok * 8 * 2) + gather
+    prefill = max(f.prefill_flops / (1e9 * eff_p), f.prefill_bytes / (1e8 * 0.5)) + 3e-4 + comm(16)
+    decode = max(f.decode_flops / (1e9 * eff_d), f.decode_bytes / (1e8 * 0.5)) + 3e-4 + comm(1)
+    assert c.prefill_s == pytest.approx(prefill, rel=1e-9)
+    assert c.decode_s == pytest.approx(decode, rel=1e-9)
+    assert prof.efficiency(2, 0.5) == 0.1 and prof.efficiency(2, 1e6) == 0.9
+    assert prof.efficiency(4, 64) == pytest.approx(0.4)          # float32 not measured: the nearest width's curve

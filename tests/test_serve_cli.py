@@ -79,7 +79,7 @@ def test_chat(served):
     chunks = list(client.chat.completions.create(model="tiny-hf", messages=msgs, max_tokens=6, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text.replace(" ", "") == tok.decode(want, skip_special_tokens=True).replace(" ", "")
+    assert text == tok.decode(want, skip_special_tokens=True)   # streamed pieces join to the whole text
     assert chunks[-1].usage.completion_tokens == len(want)
 
 
@@ -97,3 +97,40 @@ def test_chat_logprobs(served):
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     assert all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
+
+
+def _greedy_text(served, prompt: str, n: int):
+    from transformers import AutoTokenizer
+    srv, engine, model, client = served
+    tok = AutoTokenizer.from_pretrained(str(engine_dir(served)))
+    ids = tok(prompt, add_special_tokens=True)["input_ids"]
+    return tok.decode(_want(model, ids, n, tok.eos_token_id), skip_special_tokens=True)
+
+
+def test_stop_strings(served):
+    """Stop strings against a reference cut from the full greedy text: the text ends right before the
+    first stop string, streamed or not, and no streamed chunk ever carries any part of it."""
+    srv, engine, model, client = served
+    prompt = "hello world w5"
+    full = _greedy_text(served, prompt, 24)
+    words = full.split(" ")
+    assert len(words) >= 8, full
+    # a stop string across a token boundary, one inside a word, and one that never occurs
+    cases = [[words[3][-1] + " " + words[4][:2]], [words[6][1:]], ["never there", words[5] + " "]]
+    for stop in cases:
+        at = min(i for i in (full.find(s) for s in stop) if i >= 0)
+        want = full[:at]
+        r = client.completions.create(model="tiny-hf", prompt=prompt, max_tokens=24, temperature=0, stop=stop)
+        assert r.choices[0].text == want and r.choices[0].finish_reason == "stop", (stop, r.choices[0].text)
+        chunks = [c for c in client.completions.create(model="tiny-hf", prompt=prompt, max_tokens=24,
+                                                       temperature=0, stop=stop, stream=True) if c.choices]
+        texts = [c.choices[0].text for c in chunks]
+        assert "".join(texts) == want, (stop, texts)
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        sent = ""
+        for t in texts:   # what was sent at any time is a prefix of the answer: nothing to take back
+            sent += t
+            assert want.startswith(sent)
+    # no stop string in the text: everything, finish "length"
+    r = client.completions.create(model="tiny-hf", prompt=prompt, max_tokens=24, temperature=0, stop=["zzz"])
+    assert r.choices[0].text == full and r.choices[0].finish_reason == "length"

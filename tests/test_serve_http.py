@@ -33,10 +33,11 @@ def want(model):
 
 @pytest.fixture(scope="module")
 def server(model):
-    """A server with tiny page pools: 5 usable pages per stage (2 per dp range) for 4 rows of up to 4 pages."""
+    """A server with tiny page pools: 5 usable pages per stage (2 per dp range) for 4 rows of up to 4 pages,
+    and 8 tokens a step, so longer prompts are prefilled in chunks (preempted ones too)."""
     metrics = ServeMetrics()
     engine = Engine(model, hexjax.Plan.from_dict(TINY_UNEVEN), max_batch=4, max_model_len=MAX_LEN,
-                    num_pages=[6, 6], metrics=metrics)
+                    num_pages=[6, 6], metrics=metrics, max_step_tokens=8)
     app = create_app(engine, model_name="tiny", metrics=metrics)
     with ServerThread(app, "127.0.0.1", 0) as srv:
         srv.engine = engine
@@ -164,6 +165,7 @@ def test_load_tiny_pool_preempts(server, client, want):
     assert _metric(server, "hexjax_num_requests_waiting") == 0
     eng = server.engine
     assert not eng.has_work() and eng.kv_usage() == 0
+    assert max(eng.stats.step_tokens) <= 8   # the 20-token prompt went in chunks
 
 
 @pytest.mark.slow

@@ -83,6 +83,8 @@ def test_train_cli_errors(tmp_path):
         train_cmd(**{**args, "data": tmp_path / "missing.npy"})
     with pytest.raises(ConfigError, match="need --checkpoint-dir"):
         train_cmd(**{**args, "resume": True})
+    with pytest.raises(ConfigError, match="not a training dtype"):
+        train_cmd(**{**args, "dtype": "float16"})
 
 
 TEXT = ["The quick brown fox jumps over the lazy dog. " * 20, "Pack my box with five dozen liquor jugs!\n" * 25]

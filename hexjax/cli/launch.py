@@ -8,6 +8,9 @@ command with its stages on the processes owning their devices); any other
 command gets the ``HEXJAX_*`` variables and calls
 ``hexjax.runtime.distributed.initialize_from_env()`` itself.  Process 0's
 output is shown; the others' stdout is dropped unless ``--all-output``.
+On real hosts each process is started by hand or by the job system instead,
+with ``--coordinator/--num-processes/--process-id`` or the job's environment
+(``hexjax.cli._distributed``).
 """
 
 from __future__ import annotations

@@ -187,9 +187,14 @@ def _finish(plan, pred, cfg, cluster, wl, title: str, written: list[str], as_jso
     from hexjax.search.report import summary
     if not as_json:
         _show(plan, pred, cluster, title, written, searched)
+        if plan.routing is not None:
+            from hexjax.search.routing import routing_text
+            typer.echo(routing_text(plan.routing))
     report = _verify(plan, cfg, cluster, wl, as_json) if verify else None
     if as_json:
         d = summary(plan, pred, cluster, search=searched)
+        if plan.routing is not None:
+            d["routing"] = plan.routing.to_dict()
         d.update(extra or {})
         d["written"] = written
         if report is not None:
@@ -208,14 +213,27 @@ def _start_compile_devices(cluster, verify: bool) -> None:
 
 def plan_cmd(cluster_file: Path, model: str, prompt_len: int, output_len: int, batch: int, rate: float | None,
              slo_ms: float | None, objective: str, exhaustive: bool, max_stages: int | None, out: Path | None,
-             as_json: bool, svg: Path | None, png: Path | None, verify: bool = False) -> None:
+             as_json: bool, svg: Path | None, png: Path | None, verify: bool = False,
+             trace_file: Path | None = None) -> None:
     from hexjax.cluster import Cluster
     from hexjax.search import cost
     from hexjax.search.planner import plan as search_plan
 
     cluster = Cluster.load(cluster_file)
     cfg = load_config(model)
-    wl = _workload(prompt_len, output_len, batch, rate, slo_ms)
+    trace = None
+    if trace_file is not None:   # plan for the trace's sizes: costed at its mean lengths, routed by size
+        from hexjax.trace import load_trace
+        if prompt_len is not None or output_len is not None:
+            raise ConfigError("--trace gives the request sizes; drop --prompt-len/--output-len")
+        trace = load_trace(trace_file)
+        trace.check_model(cfg)
+        wl = trace.workload(batch, rate, None if slo_ms is None else slo_ms / 1e3)
+    else:
+        if prompt_len is None or output_len is None:
+            raise ConfigError("give the workload: --prompt-len N --output-len N (and --batch N), or the request "
+                              "sizes as --trace requests.jsonl")
+        wl = _workload(prompt_len, output_len, batch, rate, slo_ms)
     check_context(cfg, wl.prompt_len, wl.output_len)
     for path, option in ((out, "--out"), (svg, "--svg"), (png, "--png")):
         output_file(path, option)
@@ -223,6 +241,18 @@ def plan_cmd(cluster_file: Path, model: str, prompt_len: int, output_len: int, b
     with _DelayedProgress(enabled=not as_json) as progress:
         result = search_plan(cfg, cluster, wl, objective, exhaustive=exhaustive, max_stages=max_stages,
                              progress=progress)
+    if trace is not None:
+        import dataclasses
+
+        from hexjax.search.routing import choose_routing, routing_text
+        choice = choose_routing(result, cfg, cluster, trace, wl.batch)
+        result = dataclasses.replace(result, routing=choice.routing)
+        if not as_json and choice.table is not None:
+            p99 = ", ".join(f"{k} {v:.3g} s" for k, v in choice.p99_latency_s.items())
+            typer.echo(f"trace {trace.name}: {len(trace)} requests, costed at mean prompt {wl.prompt_len} / output "
+                       f"{wl.output_len}; size {routing_text(choice.table)}; simulated p99 latency at "
+                       f"{choice.rate_per_s:.3g} req/s: {p99} -> "
+                       + ("table kept" if choice.routing is not None else "routing by load kept (no table)"))
     pred = cost.predict(result, cfg, cluster, wl)
     written = []
     if out is not None:
@@ -250,7 +280,7 @@ def plan_model(plan, plan_file: Path, model: str | None):
 
 def explain_cmd(plan_file: Path, cluster_file: Path, model: str | None, prompt_len: int | None,
                 output_len: int | None, batch: int | None, rate: float | None, slo_ms: float | None, as_json: bool,
-                svg: Path | None, png: Path | None, verify: bool = False) -> None:
+                svg: Path | None, png: Path | None, verify: bool = False, train_options=(None,) * 4) -> None:
     from hexjax.cluster import Cluster
     from hexjax.plan import Plan
     from hexjax.search import cost
@@ -258,6 +288,9 @@ def explain_cmd(plan_file: Path, cluster_file: Path, model: str | None, prompt_l
     cluster = Cluster.load(cluster_file)
     plan = Plan.load(plan_file)
     cfg = plan_model(plan, plan_file, model)
+    if plan.training is not None:
+        from hexjax.cli.plan_train import explain_train_cmd
+        return explain_train_cmd(plan, plan_file, cfg, cluster, *train_options, as_json, svg, verify)
     wl = _workload(prompt_len, output_len, batch, rate, slo_ms, base=plan.workload)
     check_context(cfg, wl.prompt_len, wl.output_len)
     for path, option in ((svg, "--svg"), (png, "--png")):
@@ -277,7 +310,7 @@ def explain_cmd(plan_file: Path, cluster_file: Path, model: str | None, prompt_l
                 con.print(f"  - {escape(p)}", highlight=False)
         raise typer.Exit(1)
     plan = Plan(plan.model, plan.cluster_fingerprint, plan.replicas, wl, plan.objective, plan.dtype_bytes,
-                plan.prediction)
+                plan.prediction, plan.routing)
     pred = cost.predict(plan, cfg, cluster, wl)
     title = f"{plan_file.name}: {cfg.name} on {cluster.name}"
     written = _pictures(svg, png, title, plan, cluster, pred)
@@ -291,16 +324,32 @@ VERIFY_HELP = ("Compile each stage ahead of time (no weights) and check XLA's pe
 def register(app: typer.Typer) -> None:
     @app.command("plan")
     def plan(
-        cluster: Path = typer.Option(..., "--cluster", help="Cluster TOML file."),
+        cluster: Path | None = typer.Option(None, "--cluster", help="Cluster TOML file (or --rent OFFERS)."),
+        rent: Path | None = typer.Option(None, "--rent", help="Offers TOML file: choose the cheapest devices to rent "
+                                                             "for --rate within --slo-ms (see `hexjax rent`)."),
         model: str = typer.Option(..., "--model", help="Preset name or Hugging Face model directory."),
-        prompt_len: int = typer.Option(..., "--prompt-len", help="Prompt tokens per request."),
-        output_len: int = typer.Option(..., "--output-len", help="Generated tokens per request."),
+        prompt_len: int | None = typer.Option(None, "--prompt-len", help="Prompt tokens per request."),
+        output_len: int | None = typer.Option(None, "--output-len", help="Generated tokens per request."),
+        trace: Path | None = typer.Option(None, "--trace", help="Plan for these request sizes instead (.jsonl "
+                                                                "or .json histogram): routed by size."),
         batch: int = typer.Option(1, "--batch", help="Requests in flight per replica."),
         rate: float | None = typer.Option(None, "--rate", help="Requests/s the plan must sustain (cost objective)."),
         slo_ms: float | None = typer.Option(None, "--slo-ms", help="Bound on end-to-end latency, milliseconds."),
-        objective: str = typer.Option("latency", "--objective", help="latency, throughput or cost."),
+        objective: str | None = typer.Option(None, "--objective", help="latency (default), throughput or cost; "
+                                                                          "training: throughput (default) or cost."),
         exhaustive: bool = typer.Option(False, "--exhaustive", metavar="",
                                         help="Enumerate every plan (about ten devices at most)."),
+        task: str = typer.Option("serve", "--task", help="serve, or train (a training plan: --seq-len, "
+                                                            "--global-batch)."),
+        seq_len: int | None = typer.Option(None, "--seq-len", help="Training: tokens per sequence."),
+        global_batch: int | None = typer.Option(None, "--global-batch", help="Training: sequences per step."),
+        microbatches: str | None = typer.Option(None, "--microbatches", help="Training: microbatch counts to try "
+                                                                             "(default 1,2,4,8,16,32)."),
+        remat: str | None = typer.Option(None, "--remat", help="Training: none (default) or full."),
+        dtype: str | None = typer.Option(None, "--dtype", help="Training: bfloat16 (mixed precision, default) or "
+                                                               "float32."),
+        budget: float | None = typer.Option(None, "--budget-per-hour", help="Training: most dollars per hour "
+                                                                            "the plan may cost."),
         max_stages: int | None = typer.Option(None, "--max-stages", help="Longest pipeline (default: automatic)."),
         out: Path | None = typer.Option(None, "--out", help="Write the plan JSON here."),
         as_json: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object."),
@@ -309,8 +358,24 @@ def register(app: typer.Typer) -> None:
         verify: bool = typer.Option(False, "--verify/--no-verify", metavar="", help=VERIFY_HELP),
     ) -> None:
         """Search the best plan for a model, a cluster and a workload."""
+        if task not in ("serve", "train"):
+            raise ConfigError(f"--task {task!r}: use serve or train")
+        if task == "train":
+            from hexjax.cli.plan_train import plan_train_cmd
+            if cluster is None:
+                raise ConfigError("--cluster is missing; give a cluster TOML file (examples/clusters/)")
+            return plan_train_cmd(cluster, model, seq_len, global_batch, microbatches, remat, dtype,
+                                  objective or "throughput", budget, exhaustive, max_stages, out, as_json, svg, verify)
+        objective = objective or "latency"
+        if rent is not None:
+            from hexjax.cli.rent import rent_cmd
+            if cluster is not None:
+                raise ConfigError("give --cluster or --rent, not both (--rent chooses the devices)")
+            return rent_cmd(rent, model, prompt_len, output_len, trace, batch, rate, slo_ms, max_stages, out, as_json)
+        if cluster is None:
+            raise ConfigError("--cluster is missing; give a cluster TOML file (examples/clusters/), or --rent OFFERS")
         plan_cmd(cluster, model, prompt_len, output_len, batch, rate, slo_ms, objective, exhaustive, max_stages,
-                 out, as_json, svg, png, verify)
+                 out, as_json, svg, png, verify, trace_file=trace)
 
     @app.command("explain")
     def explain(
@@ -327,7 +392,11 @@ def register(app: typer.Typer) -> None:
         svg: Path | None = typer.Option(None, "--svg", help="Draw the plan to this SVG file."),
         png: Path | None = typer.Option(None, "--png", help="Draw the plan to this PNG file."),
         verify: bool = typer.Option(False, "--verify/--no-verify", metavar="", help=VERIFY_HELP),
+        seq_len: int | None = typer.Option(None, "--seq-len", help="Training plan: tokens per sequence."),
+        global_batch: int | None = typer.Option(None, "--global-batch", help="Training plan: sequences per step."),
+        microbatches: str | None = typer.Option(None, "--microbatches", help="Training plan: microbatches."),
+        remat: str | None = typer.Option(None, "--remat", help="Training plan: none or full."),
     ) -> None:
         """Predict time and memory of any plan, and list every rule an invalid one breaks."""
         explain_cmd(plan_file, cluster, model, prompt_len, output_len, batch, rate, slo_ms, as_json, svg, png,
-                    verify)
+                    verify, train_options=(seq_len, global_batch, microbatches, remat))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from hexjax.cli._distributed import COORDINATOR, NUM_PROCESSES, PROCESS_ID
 from hexjax.errors import ConfigError
 from hexjax.plan import format_layers, format_mesh
 
@@ -76,13 +77,12 @@ def _plan_device_count(plan) -> int:
 def generate_cmd(model: str, plan_file: Path, cluster_file: Path | None, virtual_devices: int | None,
                  prompt_ids: list[str], prompt: list[str], max_new_tokens: int, temperature: float,
                  top_k: int, top_p: float, seed: int, dtype: str | None, check: bool, as_json: bool,
-                 eos_id: int | None = None) -> dict:
+                 eos_id: int | None = None, coordinator: str | None = None, num_processes: int | None = None,
+                 process_id: int | None = None) -> dict:
+    from hexjax.cli._distributed import across_processes, check_run, join_run
     from hexjax.runtime import distributed
-    # one process of a `hexjax launch` run joins it first; --virtual-devices then checks the global count
-    multi = distributed.initialize_from_env()
-    if multi:
-        import jax
-        jax.devices()   # start the backends with this process's devices
+    # a process of a multi-host run joins it first; --virtual-devices then checks the global count
+    multi = join_run(coordinator, num_processes, process_id)
     if virtual_devices:
         from hexjax.runtime.devices import use_virtual_cpu_devices
         use_virtual_cpu_devices(virtual_devices)
@@ -95,6 +95,7 @@ def generate_cmd(model: str, plan_file: Path, cluster_file: Path | None, virtual
     # the plan and the prompts are checked against the model's config before any weights are read
     cfg = load_config(model)
     plan, cluster = _load_plan(plan_file, cluster_file, cfg)
+    check_run(plan, cluster, "generate")
     tok = _tokenizer(model) if prompt else None
     prompts = [parse_ids(p) for p in prompt_ids] if prompt_ids else \
         [tok(p, add_special_tokens=True)["input_ids"] for p in prompt]
@@ -105,8 +106,7 @@ def generate_cmd(model: str, plan_file: Path, cluster_file: Path | None, virtual
     sampling = Sampling(temperature, top_k, top_p, seed)
     if eos_id is None and tok is not None:
         eos_id = tok.eos_token_id
-    across = dict(move=distributed.move, read=distributed.read, params=distributed.host_params(lm.params)) \
-        if multi else {}
+    across = dict(across_processes(multi), params=distributed.host_params(lm.params)) if multi else {}
     res = run_plan(lm, plan, prompts, max_new_tokens, sampling, cluster=cluster, options=options, eos_id=eos_id,
                    **across)
     out = {
@@ -150,7 +150,7 @@ def generate_cmd(model: str, plan_file: Path, cluster_file: Path | None, virtual
 def dump_hlo_cmd(model: str | None, plan_file: Path, cluster_file: Path | None, out_dir: Path,
                  virtual_devices: int | None, batch: int | None, prompt_len: int | None,
                  output_len: int | None, dtype: str | None, as_json: bool = False, task: str = "serve",
-                 seq_len: int | None = None, global_batch: int | None = None, microbatches: int = 1) -> dict:
+                 seq_len: int | None = None, global_batch: int | None = None, microbatches: int | None = None) -> dict:
     from hexjax.cli.plan import check_context, compile_progress, output_dir, plan_model
     from hexjax.plan import Plan
     if task not in ("serve", "train"):
@@ -260,10 +260,13 @@ def register(app: typer.Typer) -> None:
         check: bool = typer.Option(False, "--check", metavar="",
                                    help="Also run single-device generation and compare tokens."),
         as_json: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object."),
+        coordinator: str | None = COORDINATOR,
+        num_processes: int | None = NUM_PROCESSES,
+        process_id: int | None = PROCESS_ID,
     ) -> None:
         """Generate tokens through a plan's replicas and pipeline stages."""
         generate_cmd(model, plan, cluster, virtual_devices, prompt_ids, prompt, max_new_tokens, temperature,
-                     top_k, top_p, seed, dtype, check, as_json, eos_id)
+                     top_k, top_p, seed, dtype, check, as_json, eos_id, coordinator, num_processes, process_id)
 
     @app.command("dump-hlo")
     def dump_hlo(
@@ -283,7 +286,8 @@ def register(app: typer.Typer) -> None:
         seq_len: int | None = typer.Option(None, "--seq-len", help="With --task train: tokens per sequence."),
         global_batch: int | None = typer.Option(
             None, "--global-batch", help="With --task train: sequences per step over all replicas."),
-        microbatches: int = typer.Option(1, "--microbatches", help="With --task train: microbatches per replica."),
+        microbatches: int | None = typer.Option(
+            None, "--microbatches", help="With --task train: microbatches per replica (default: the plan's, else 1)."),
     ) -> None:
         """Compile every stage of a plan (no weights) and dump StableHLO, HLO and XLA's analyses."""
         dump_hlo_cmd(model, plan, cluster, out, virtual_devices, batch, prompt_len, output_len, dtype, as_json,

@@ -13,7 +13,20 @@ from pathlib import Path
 
 import typer
 
+from hexjax.cli._distributed import COORDINATOR, NUM_PROCESSES, PROCESS_ID
 from hexjax.errors import ConfigError, PlanError
+
+
+def plan_batch_split(plan, plan_file, global_batch: int, microbatches: int | None) -> tuple[int, tuple[int, ...] | None]:
+    """Microbatches and per-replica rows: a training plan's own (``plan --task train``), unless told otherwise."""
+    if microbatches is None:
+        microbatches = plan.microbatches or 1
+    rows = plan.replica_rows
+    if rows is not None and sum(rows) != global_batch:
+        raise ConfigError(f"{plan_file} splits a global batch of {sum(rows)} between its replicas "
+                          f"({'/'.join(map(str, rows))} rows), not {global_batch}. Fix: --global-batch {sum(rows)}, "
+                          "or plan again for this batch")
+    return microbatches, rows
 
 
 def train_cmd(model: str, plan_file: Path, virtual_devices: int | None, data: Path, data_dtype: str, seq_len: int,
@@ -21,7 +34,14 @@ def train_cmd(model: str, plan_file: Path, virtual_devices: int | None, data: Pa
               decay_steps: int | None, weight_decay: float, clip_norm: float, remat: bool, seed: int,
               checkpoint_dir: Path | None, save_every: int, keep: int, resume: bool, as_json: bool,
               tokenizer: Path | None = None, save_hf: Path | None = None, metrics: Path | None = None,
-              cluster_file: Path | None = None) -> dict:
+              cluster_file: Path | None = None, coordinator: str | None = None, num_processes: int | None = None,
+              process_id: int | None = None, dtype: str = "float32", master_dtype: str = "float32") -> dict:
+    from hexjax.cli._distributed import across_processes, check_run, join_run
+    # a process of a multi-host run joins it before JAX starts (--virtual-devices then checks the global count)
+    multi = join_run(coordinator, num_processes, process_id)
+    if multi and (checkpoint_dir is not None or save_hf is not None):
+        raise ConfigError("--checkpoint-dir, --resume and --save-hf are not supported when the plan runs on several "
+                          "processes yet. Fix: drop them, or train in one process")
     if virtual_devices:
         from hexjax.runtime.devices import use_virtual_cpu_devices
         use_virtual_cpu_devices(virtual_devices)
@@ -33,6 +53,9 @@ def train_cmd(model: str, plan_file: Path, virtual_devices: int | None, data: Pa
 
     if steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {steps}")
+    for flag, value in (("--dtype", dtype), ("--master-dtype", master_dtype)):
+        if value not in ("float32", "bfloat16"):
+            raise ConfigError(f"{flag} {value!r} is not a training dtype. Fix: give float32 or bfloat16")
     if save_every < 0:
         raise ConfigError(f"--save-every must not be negative, got {save_every}")
     if (save_every or resume) and checkpoint_dir is None:
@@ -54,7 +77,9 @@ def train_cmd(model: str, plan_file: Path, virtual_devices: int | None, data: Pa
     problems = plan.layout_problems(cfg, virtual_devices)
     if problems:
         raise PlanError(f"{plan_file}: the plan cannot train {cfg.name}:\n" + "\n".join(f"  - {p}" for p in problems))
-    check_batch_shape(cfg, plan, global_batch, seq_len, microbatches)
+    microbatches, rows = plan_batch_split(plan, plan_file, global_batch, microbatches)
+    check_batch_shape(cfg, plan, global_batch, seq_len, microbatches, rows)
+    check_run(plan, cluster, "train")
     meta = None
     if resume and latest_step(checkpoint_dir) is not None:
         meta = read_meta(checkpoint_dir)
@@ -64,7 +89,8 @@ def train_cmd(model: str, plan_file: Path, virtual_devices: int | None, data: Pa
     if decay_steps is None:
         decay_steps = steps if steps > warmup_steps else 0
     config = TrainConfig(lr=lr, warmup_steps=warmup_steps, decay_steps=decay_steps, weight_decay=weight_decay,
-                         clip_norm=clip_norm if clip_norm > 0 else None, remat=remat, keep_checkpoints=keep)
+                         clip_norm=clip_norm if clip_norm > 0 else None, remat=remat, keep_checkpoints=keep,
+                         master_dtype=master_dtype)
     trained_tokenizer = None
     if text:
         if tokenizer is None and checkpoint_dir is not None and (Path(checkpoint_dir) / "tokenizer.json").is_file():
@@ -81,7 +107,8 @@ def train_cmd(model: str, plan_file: Path, virtual_devices: int | None, data: Pa
     if Path(model).is_dir():
         from hexjax.models.hf import load_hf
         source = load_hf(Path(model), dtype="float32")
-    trainer = Trainer(source, plan, config=config, microbatches=microbatches, seed=seed)
+    trainer = Trainer(source, plan, config=config, microbatches=microbatches, seed=seed, dtype=dtype,
+                      **across_processes(multi))
     position = 0
     if meta is not None:
         meta = trainer.restore(checkpoint_dir)
@@ -92,35 +119,36 @@ def train_cmd(model: str, plan_file: Path, virtual_devices: int | None, data: Pa
     if cluster is not None:
         peak = sum(cluster.device(d).peak_flops for r in plan.replicas for st in r.stages for d in st.devices)
     metrics_file = None
-    if metrics is not None:
+    import jax
+    if metrics is not None and jax.process_index() == 0:   # one writer in a multi-process run
         Path(metrics).parent.mkdir(parents=True, exist_ok=True)
         metrics_file = open(metrics, "a" if meta is not None else "w")
 
     def extra():
         return {"position": position, "seed": seed, "decay_steps": decay_steps}
     saved = None
-    while trainer.step_count < steps:
-        m = trainer.step(windows.batch(position, global_batch))
-        position += global_batch
-        m["step"] = trainer.step_count
-        m["tokens_per_s"] = m["tokens"] / m["seconds"]
-        if peak:
-            m["mfu"] = 6 * n_params * m["tokens_per_s"] / peak
-        history.append(m)
-        if metrics_file is not None:
-            keys = ("step", "loss", "grad_norm", "lr", "tokens", "seconds", "tokens_per_s", "mfu")
-            metrics_file.write(json.dumps({k: m[k] for k in keys if k in m}) + "\n")
-            metrics_file.flush()
-        if not as_json:
-            typer.echo(f"step {m['step']:>5}  loss {m['loss']:.4f}  grad_norm {m['grad_norm']:.3f}  "
-                       f"lr {m['lr']:.3g}  {m['tokens_per_s']:.0f} tok/s"
-                       + (f"  mfu {100 * m['mfu']:.3g}%" if "mfu" in m else ""))
-        if save_every and trainer.step_count % save_every == 0:
-            saved = trainer.save(checkpoint_dir, extra=extra())
+    from hexjax.train.progress import TrainProgress
+    with TrainProgress(steps, trainer.step_count, enabled=not as_json, echo=typer.echo) as bar:
+        while trainer.step_count < steps:
+            m = trainer.step(windows.batch(position, global_batch))
+            position += global_batch
+            m["step"] = trainer.step_count
+            m["tokens_per_s"] = m["tokens"] / m["seconds"]
+            if peak:
+                m["mfu"] = 6 * n_params * m["tokens_per_s"] / peak
+            history.append(m)
+            if metrics_file is not None:
+                keys = ("step", "loss", "grad_norm", "lr", "tokens", "seconds", "tokens_per_s", "mfu")
+                metrics_file.write(json.dumps({k: m[k] for k in keys if k in m}) + "\n")
+                metrics_file.flush()
+            bar.update(m)
+            if save_every and trainer.step_count % save_every == 0:
+                saved = trainer.save(checkpoint_dir, extra=extra())   # asynchronous: training goes on
     if metrics_file is not None:
         metrics_file.close()
     if checkpoint_dir is not None and saved != trainer.step_count and history:
         saved = trainer.save(checkpoint_dir, extra=extra())
+    trainer.wait_for_saves(close=True)      # every checkpoint committed before the run reports or exits
     if save_hf is not None:
         trainer.save_hf(save_hf)
         if tokenizer is not None and not (Path(save_hf) / "tokenizer.json").exists():
@@ -144,7 +172,7 @@ def train_cmd(model: str, plan_file: Path, virtual_devices: int | None, data: Pa
 
 
 def dump_train_cmd(model: str | None, plan_file: Path, cluster_file: Path | None, out_dir: Path,
-                   virtual_devices: int | None, seq_len: int | None, global_batch: int | None, microbatches: int,
+                   virtual_devices: int | None, seq_len: int | None, global_batch: int | None, microbatches: int | None,
                    dtype: str | None, as_json: bool) -> dict:
     """``hexjax dump-hlo --task train``: compile every stage's fwd, bwd and update programs (no weights)."""
     import dataclasses
@@ -165,7 +193,8 @@ def dump_train_cmd(model: str | None, plan_file: Path, cluster_file: Path | None
     if problems:
         raise PlanError(f"{plan_file}: the plan cannot train {cfg.name}:\n" + "\n".join(f"  - {p}" for p in problems))
     from hexjax.train import check_batch_shape
-    check_batch_shape(cfg, plan, global_batch, seq_len, microbatches)
+    microbatches, rows = plan_batch_split(plan, plan_file, global_batch, microbatches)
+    check_batch_shape(cfg, plan, global_batch, seq_len, microbatches, rows)
     output_dir(out_dir)
     from hexjax.runtime import compile_devices
     if not virtual_devices:
@@ -174,7 +203,7 @@ def dump_train_cmd(model: str | None, plan_file: Path, cluster_file: Path | None
     dtype = dtype or "float32"
     with compile_progress(enabled=not as_json) as progress:
         compiles = dump_train_hlo(plan, cfg, out_dir, seq_len, global_batch, microbatches, dtype=dtype,
-                                  progress=progress)
+                                  replica_rows=rows, progress=progress)
     skip = ("stablehlo", "hlo", "cost", "memory")
 
     def fields(c):
@@ -224,7 +253,8 @@ def register(app: typer.Typer) -> None:
         data_dtype: str = typer.Option("uint16", "--data-dtype", help="Integer type of a .bin token file."),
         seq_len: int = typer.Option(..., "--seq-len", help="Tokens per training sequence."),
         global_batch: int = typer.Option(..., "--global-batch", help="Sequences per step over all replicas."),
-        microbatches: int = typer.Option(1, "--microbatches", help="Microbatches per replica (1F1B pipeline)."),
+        microbatches: int | None = typer.Option(
+            None, "--microbatches", help="Microbatches per replica (1F1B pipeline; default: the training plan's, else 1)."),
         steps: int = typer.Option(..., "--steps", help="Train until this many steps have been taken."),
         lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate."),
         warmup_steps: int = typer.Option(0, "--warmup-steps", help="Linear warmup steps."),
@@ -246,8 +276,16 @@ def register(app: typer.Typer) -> None:
         metrics: Path | None = typer.Option(None, "--metrics", help="Write one JSON line per step here."),
         cluster: Path | None = typer.Option(
             None, "--cluster", help="Cluster TOML of the plan's devices (for MFU in the metrics)."),
+        coordinator: str | None = COORDINATOR,
+        num_processes: int | None = NUM_PROCESSES,
+        process_id: int | None = PROCESS_ID,
+        dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32, or bfloat16 (mixed precision "
+                                  "with --master-dtype float32)."),
+        master_dtype: str = typer.Option("float32", "--master-dtype", help="dtype of the master weights, "
+                                         "gradients and AdamW state (bfloat16 with --dtype bfloat16: pure bf16)."),
     ) -> None:
         """Train a model over a plan's replicas and pipeline stages (AdamW, 1F1B)."""
         train_cmd(model, plan, virtual_devices, data, data_dtype, seq_len, global_batch, microbatches, steps, lr,
                   warmup_steps, decay_steps, weight_decay, clip_norm, remat, seed, checkpoint_dir, save_every,
-                  keep, resume, as_json, tokenizer, save_hf, metrics, cluster)
+                  keep, resume, as_json, tokenizer, save_hf, metrics, cluster, coordinator, num_processes,
+                  process_id, dtype, master_dtype)

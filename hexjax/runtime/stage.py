@@ -4,13 +4,18 @@ A stage runs a contiguous range of decoder layers (plus the embedding on the
 first stage, the final norm and LM head on the last) on a ``(dp, tp)`` mesh.
 Its KV cache is paged: per layer, key and value pages
 ``[Hkv, num_pages, page_size, D]`` shared by every sequence the stage serves,
-addressed through per-sequence block tables.  Two jitted steps exist:
+addressed through per-sequence block tables.  Three jitted steps exist:
 
 * ``prefill(params, cache, x, positions, logits_index, block_tables)``: a
   right-padded batch of prompts; writes their keys/values into the pages and
   attends causally within the prompt.
 * ``decode(params, cache, x, positions, block_tables)``: one new token per
   sequence at ``positions``; writes it, then attends over the sequence's pages.
+* ``extend(params, cache, x, positions, logits_index, block_tables)``: the
+  arguments of ``prefill``, but each row's tokens may start at any position
+  (``positions[b, 0]``) and attend over the row's cached pages as well as to
+  each other: one chunk of a prompt whose earlier chunks are already cached
+  (chunked prefill).  ``StageShape.prompt_len`` is then the chunk width.
 
 The cache argument is donated, so XLA updates the pages in place.
 """
@@ -90,11 +95,13 @@ def _local_attention(kind: StageKind, mesh, num_pages: int, phase: str):
     Returns ``fn(block_tables, q, k, v, k_pages, v_pages, positions) -> (out, k_pages, v_pages)``
     with q [B,S,Hq,D], k/v [B,S,Hkv,D], positions [B] (of the first token).
     """
-    from hexjax.kernels.dispatch import stage_kernels
+    from hexjax.kernels.dispatch import stage_chunk_attention, stage_kernels
     cfg, dp, tp = kind.cfg, kind.dp, kind.tp
     device = mesh.devices.flat[0]
     write_kv, attention, decode_attention = stage_kernels(kind.attention_impl, cfg.head_dim, device.platform,
                                                           device_kind=device.device_kind)
+    chunk_attention = stage_chunk_attention(kind.attention_impl, cfg.head_dim, device.platform,
+                                            device_kind=device.device_kind)
     kv_split = cfg.num_kv_heads % tp == 0
     kv_axis = "tp" if kv_split else None
     group = tp // cfg.num_kv_heads if not kv_split else 1   # tp ranks sharing one replicated KV head
@@ -111,6 +118,8 @@ def _local_attention(kind: StageKind, mesh, num_pages: int, phase: str):
         k_pages, v_pages = write_kv(k_pages, v_pages, k, v, tables, pos)
         if phase == "prefill":   # prompts start at position 0: attend within the prompt
             out = attention(q, own_head(k, 2), own_head(v, 2))
+        elif phase == "extend":  # a chunk after cached tokens: attend over the pages just written to
+            out = chunk_attention(q, own_head(k_pages, 0), own_head(v_pages, 0), tables, pos)
         else:
             out = decode_attention(q[:, 0], own_head(k_pages, 0), own_head(v_pages, 0), tables, pos + 1)[:, None]
         return out, k_pages, v_pages
@@ -165,6 +174,11 @@ class StagePrograms:
             return m.apply({"params": params}, x, positions, cache,
                            logits_index=logits_index if kind.head else None)
 
+        def extend(params, cache, x, positions, logits_index, block_tables):
+            m = stage_module(kind, _paged_attention_fn(kind, mesh, shape.num_pages, "extend", block_tables))
+            return m.apply({"params": params}, x, positions, cache,
+                           logits_index=logits_index if kind.head else None)
+
         def decode(params, cache, x, positions, block_tables):
             m = stage_module(kind, _paged_attention_fn(kind, mesh, shape.num_pages, "decode", block_tables))
             return m.apply({"params": params}, x, positions[:, None], cache,
@@ -173,6 +187,11 @@ class StagePrograms:
         ps, cs = self.param_shardings, self.cache_shardings
         self.prefill = jax.jit(
             prefill, donate_argnums=(1,),
+            in_shardings=(ps, cs, self.input_sharding, self.rows_sharding, self.batch_sharding,
+                          self.rows_sharding),
+            out_shardings=(self.output_sharding, cs))
+        self.extend = jax.jit(
+            extend, donate_argnums=(1,),
             in_shardings=(ps, cs, self.input_sharding, self.rows_sharding, self.batch_sharding,
                           self.rows_sharding),
             out_shardings=(self.output_sharding, cs))
@@ -193,7 +212,7 @@ class StagePrograms:
         return (c.num_kv_heads, s.num_pages, s.page_size, c.head_dim)
 
     def abstract_args(self, phase: str) -> tuple:
-        """``ShapeDtypeStruct``s (with shardings) of ``prefill``'s or ``decode``'s arguments."""
+        """``ShapeDtypeStruct``s (with shardings) of ``prefill``'s, ``extend``'s or ``decode``'s arguments."""
         s, c = self.shape, self.kind.cfg
         sds = jax.ShapeDtypeStruct
         params = jax.tree.map(lambda a, sh: sds(a.shape, a.dtype, sharding=sh),
@@ -207,17 +226,17 @@ class StagePrograms:
         else:
             x = sds((s.batch, tokens, c.hidden_size), self._dtype, sharding=self.hidden_sharding)
         tables = sds((s.batch, s.table_width), jnp.int32, sharding=self.rows_sharding)
-        if phase == "prefill":
+        if phase in ("prefill", "extend"):
             return (params, cache, x, sds((s.batch, tokens), jnp.int32, sharding=self.rows_sharding),
                     sds((s.batch,), jnp.int32, sharding=self.batch_sharding), tables)
         if phase == "decode":
             return (params, cache, x, sds((s.batch,), jnp.int32, sharding=self.batch_sharding), tables)
-        raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+        raise ValueError(f"phase must be 'prefill', 'extend' or 'decode', got {phase!r}")
 
     def lower(self, phase: str):
         """``jax.stages.Lowered`` of one phase, from abstract arguments."""
-        fn = self.prefill if phase == "prefill" else self.decode
-        return fn.lower(*self.abstract_args(phase))
+        args = self.abstract_args(phase)
+        return {"prefill": self.prefill, "extend": self.extend, "decode": self.decode}[phase].lower(*args)
 
     def compiled(self, phase: str):
         """The compiled executable of one phase (compiled once, ahead of time, then kept).

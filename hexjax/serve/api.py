@@ -144,8 +144,12 @@ def create_app(engine: Engine, *, model_name: str | None = None, tokenizer=None,
             raise APIError("only n=1 is supported", param="n")
         if isinstance(req, CompletionRequest) and req.best_of not in (None, 1):
             raise APIError("only best_of=1 is supported", param="best_of")
-        if req.stop:
-            raise APIError("stop strings are not supported; use stop_token_ids", param="stop")
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        if stop and tokenizer is None:
+            raise APIError("stop strings need the model's tokenizer and this model has none; use stop_token_ids",
+                           param="stop")
+        if any(not x for x in stop):
+            raise APIError("stop strings must not be empty", param="stop")
         if isinstance(req, ChatRequest):
             if req.logprobs not in (None, True, False):
                 raise APIError("logprobs must be true or false", param="logprobs")
@@ -163,7 +167,8 @@ def create_app(engine: Engine, *, model_name: str | None = None, tokenizer=None,
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                   top_k=max(0, req.top_k), seed=req.seed,
-                                  stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
+                                  stop_token_ids=tuple(req.stop_token_ids or ()), stop=stop,
+                                  ignore_eos=req.ignore_eos,
                                   min_tokens=req.min_tokens, presence_penalty=req.presence_penalty,
                                   frequency_penalty=req.frequency_penalty, logprobs=logprobs)
         except ConfigError as e:
@@ -176,6 +181,16 @@ def create_app(engine: Engine, *, model_name: str | None = None, tokenizer=None,
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None and ids else ""
+
+    if tokenizer is not None and engine.detokenize is None:   # outputs carry text; stop strings work
+        engine.detokenize = decode
+
+    def new_text(out) -> str:
+        """Text a stream chunk adds: held back while it may begin a stop string (see hexjax.serve.text)."""
+        return out.new_text if out.new_text is not None else decode(out.new_token_ids)
+
+    def text_of(out) -> str:
+        return out.text if out.text is not None else decode(out.token_ids)
 
     def prompts_of(req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
@@ -274,7 +289,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, tokenizer=None,
                     if not out.new_token_ids and not out.finished:
                         continue
                     yield sse({"id": rid, "object": "text_completion", "created": now, "model": name,
-                               "choices": [{"index": 0, "text": decode(out.new_token_ids),
+                               "choices": [{"index": 0, "text": new_text(out),
                                             "token_ids": out.new_token_ids,
                                             "logprobs": completion_logprobs(out.new_token_ids, out.new_logprobs),
                                             "finish_reason": out.finish_reason if out.finished else None}]})
@@ -289,7 +304,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, tokenizer=None,
                 final = out
             return final
         finals = await asyncio.gather(*(final_of(ids, sp) for ids, sp in jobs))
-        choices = [{"index": i, "text": decode(f.token_ids), "token_ids": f.token_ids,
+        choices = [{"index": i, "text": text_of(f), "token_ids": f.token_ids,
                     "logprobs": completion_logprobs(f.token_ids, f.logprobs),
                     "finish_reason": f.finish_reason} for i, f in enumerate(finals)]
         total_p = sum(len(ids) for ids, _ in jobs)
@@ -327,7 +342,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, tokenizer=None,
                 async for out in run_one(ids, sp):
                     n = len(out.token_ids)
                     yield sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": name,
-                               "choices": [{"index": 0, "delta": {"content": decode(out.new_token_ids)},
+                               "choices": [{"index": 0, "delta": {"content": new_text(out)},
                                             "token_ids": out.new_token_ids,
                                             "logprobs": chat_logprobs(out.new_token_ids, out.new_logprobs),
                                             "finish_reason": out.finish_reason if out.finished else None}]})
@@ -340,7 +355,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, tokenizer=None,
         async for out in run_one(ids, sp):
             final = out
         return {"id": rid, "object": "chat.completion", "created": now, "model": name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": decode(final.token_ids)},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text_of(final)},
                              "token_ids": final.token_ids,
                              "logprobs": chat_logprobs(final.token_ids, final.logprobs),
                              "finish_reason": final.finish_reason}],

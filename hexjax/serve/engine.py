@@ -7,13 +7,18 @@ pool.  One scheduling iteration (``Engine.step``):
    stage's pool (its data-parallel range) is out of pages, the youngest request
    there is **preempted**: its pages are freed and it goes back to the head of
    the queue, to be recomputed (prompt plus the tokens it already has) later;
-2. waiting requests join free slots, on the replica with the most free slots
-   (then pages), as long as their pages fit and the step's prefill token budget
-   lasts;
-3. per replica, the new rows are prefilled with the stage ``prefill`` program
-   (the other rows' block tables point at the reserved page, so their caches
-   are untouched) and the rows that were already running take one ``decode``
-   step; every replica's work is issued before any result is read;
+2. each replica's step feeds at most ``max_step_tokens`` tokens (chunked
+   prefill): one per decoding row, then the next chunk of prompts being
+   prefilled, then waiting requests, which join free slots on the replica with
+   the most free slots (then pages) when their pages fit; a prompt longer than
+   the budget left is cut into chunks over several steps, so a long prompt
+   never holds back the running rows' next token;
+3. per replica, the chunks are fed with the stage ``extend`` program (it
+   attends over each row's cached pages and its chunk) and the decoding rows
+   take one ``decode`` step, each packed into as few rows as hold them (a
+   power-of-two row bucket, rows in the data-parallel groups of their slots;
+   unused rows point at the reserved page, so other caches are untouched);
+   every replica's work is issued before any result is read;
 4. each row's next token is sampled with its own parameters (key
    ``request_key(seed, 0, step)``, so a seed gives the same tokens whatever the
    batch mates), and finished sequences (EOS, stop token ids, ``max_tokens``,
@@ -44,6 +49,7 @@ from hexjax.errors import ConfigError
 from hexjax.models.config import ModelConfig
 from hexjax.models.sampling import request_key
 from hexjax.runtime.pages import PageAllocator, pages_for
+from hexjax.serve.text import TextStream
 
 
 # ----------------------------------------------------------------------------- parameters and results
@@ -62,6 +68,9 @@ class SamplingParams:
     """Seed of the request's random stream (token ``t`` uses ``request_key(seed, 0, t)``); None: a random one."""
     stop_token_ids: tuple[int, ...] = ()
     """Tokens that end the sequence (kept in the output, as the EOS token is)."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the sequence: the text is cut before the first one (which is not returned; the
+    tokens stay).  Needs an engine with a ``detokenize`` function."""
     ignore_eos: bool = False
     """Do not stop at the engine's EOS token."""
     min_tokens: int = 0
@@ -76,6 +85,10 @@ class SamplingParams:
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not all(isinstance(x, str) and x for x in stop):
+            raise ConfigError(f"stop must be non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ConfigError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not self.temperature >= 0:
@@ -113,6 +126,11 @@ class RequestOutput:
     the most likely ones)."""
     new_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     """The same for ``new_token_ids``."""
+    text: str | None = None
+    """With an engine that detokenizes: the text sent so far (all of it, cut at a stop string, once
+    finished); text that may still begin a stop string is held back until it cannot."""
+    new_text: str | None = None
+    """The text added since the last output of this request."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -133,8 +151,13 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float | None = None
     emitted: int = 0
+    computed: int = 0
+    """Tokens of ``context`` whose keys and values are cached (prefill chunks done so far)."""
+    decoding: bool = False
+    """Prefill is done: each step feeds the last generated token."""
     logprobs: list = dataclasses.field(default_factory=list)
     callback: Callable[[RequestOutput], None] | None = None
+    text: TextStream | None = None
 
     @property
     def context(self) -> list[int]:
@@ -193,7 +216,7 @@ def sample_rows(logits, seeds, steps, temps, top_ks, top_ps, any_sampled: bool, 
 # ----------------------------------------------------------------------------- one replica
 
 def _buckets(page_size: int, max_len: int) -> list[int]:
-    """Prefill widths: page multiples doubling up to the longest context."""
+    """Prefill chunk widths: page multiples doubling up to ``max_len`` (rounded up to a page)."""
     top = pages_for(max_len, page_size) * page_size
     out, b = [], page_size
     while b < top:
@@ -206,7 +229,8 @@ class ReplicaEngine:
     """One replica's stages, caches, page pools and ``max_batch`` slots."""
 
     def __init__(self, index: int, replica, cfg: ModelConfig, params: dict, devices: list, dtype: str, *,
-                 max_batch: int, max_model_len: int, page_size: int, num_pages, attention_impl: str):
+                 max_batch: int, max_model_len: int, page_size: int, num_pages, attention_impl: str,
+                 max_chunk: int):
         from hexjax.models.llama import stage_params
         from hexjax.runtime.build import stage_kinds
         from hexjax.runtime.stage import StageShape, stage_programs
@@ -217,12 +241,19 @@ class ReplicaEngine:
         if max_batch % unit:
             raise ConfigError(f"max_batch {max_batch} must be a multiple of every stage's dp (replica {index}: "
                               f"dp {self.dps}, so a multiple of {unit})")
-        self.max_batch, self.page_size = max_batch, page_size
+        self.max_batch, self.page_size, self.unit = max_batch, page_size, unit
         self.width = pages_for(max_model_len, page_size)
-        self.buckets = _buckets(page_size, max_model_len)
+        self.buckets = _buckets(page_size, min(max_chunk, max_model_len))
+        # rows of a program: the unit (one row per finest data-parallel group) times a power of two (of four
+        # for prefill chunks: fewer shapes to compile), up to max_batch; a step packs its rows into the
+        # smallest that holds them
+        steps = range((max_batch // unit).bit_length() + 1)
+        self.row_buckets = sorted({min(unit << k, max_batch) for k in steps})
+        self.chunk_row_buckets = sorted({min(unit << 2 * k, max_batch) for k in steps})
+        self.max_chunk = max_chunk
         self.kinds, self.devs, self.allocators, self.params, self.caches = [], [], [], [], []
-        self.decode_progs, self.num_pages = [], []
-        self._prefill: dict[tuple[int, int], object] = {}
+        self.num_pages = []
+        self._programs: dict[tuple[int, int, int], object] = {}
         for si, (st, kind) in enumerate(zip(stages, stage_kinds(cfg, replica, dtype, attention_impl))):
             start, stop = st.layers
             per_group = max_batch // st.dp
@@ -236,7 +267,6 @@ class ReplicaEngine:
             self.kinds.append(kind)
             self.devs.append(devs)
             self.num_pages.append(pages)
-            self.decode_progs.append(prog)
             self.allocators.append(PageAllocator(pages, page_size, st.dp))
             self.params.append(prog.place_params(stage_params(
                 params, cfg, start, stop - start, embed=kind.embed, head=kind.head)))
@@ -245,20 +275,30 @@ class ReplicaEngine:
 
     # ---- programs ----
 
-    def prefill_program(self, si: int, bucket: int):
+    def program(self, si: int, rows: int, width: int):
+        """Stage ``si``'s programs for ``rows`` rows and prefill chunks of ``width`` tokens."""
         from hexjax.runtime.stage import StageShape, stage_programs
-        key = (si, bucket)
-        if key not in self._prefill:
-            shape = StageShape(self.max_batch, bucket, self.num_pages[si], self.page_size, self.width)
-            self._prefill[key] = stage_programs(self.kinds[si], shape, self.devs[si])
-        return self._prefill[key]
+        key = (si, rows, width)
+        if key not in self._programs:
+            shape = StageShape(rows, width, self.num_pages[si], self.page_size, self.width)
+            self._programs[key] = stage_programs(self.kinds[si], shape, self.devs[si])
+        return self._programs[key]
 
-    def warmup(self) -> None:
-        """Compile decode and every prefill width now."""
-        for si, prog in enumerate(self.decode_progs):
-            prog.compiled("decode")
-            for b in self.buckets:
-                self.prefill_program(si, b).compiled("prefill")
+    def chunk_widths(self, rows: int) -> list[int]:
+        """Chunk widths a prefill of ``rows`` rows may use: rows x width stays within the step's token
+        budget (the narrowest width always allowed), which also bounds the shapes to compile."""
+        return [w for w in self.buckets if w == self.buckets[0] or rows * w <= self.max_chunk]
+
+    def warmup(self, full: bool = False) -> None:
+        """Compile now what most steps use: decode at every row count, prefill chunks of every width for
+        the fewest rows (one request joining) and of the narrowest width for every row count; ``full``:
+        every shape a step may use.  Others compile when first used."""
+        shapes = {(r, self.buckets[0], "decode") for r in self.row_buckets}
+        shapes |= {(r, w, "extend") for r in self.chunk_row_buckets for w in self.chunk_widths(r)
+                   if full or r == self.unit or w == self.buckets[0]}
+        for si in range(len(self.kinds)):
+            for rows, width, phase in sorted(shapes):
+                self.program(si, rows, width).compiled(phase)
 
     # ---- pages ----
 
@@ -297,83 +337,115 @@ class ReplicaEngine:
         if req.slot is not None and self.slots[req.slot] is req:
             self.slots[req.slot] = None
         req.slot = req.replica = None
+        req.computed, req.decoding = 0, False
 
     def tables(self, rows: Sequence[Request | None]) -> list[np.ndarray]:
+        """Block tables of packed ``rows`` (see ``pack``): row ``i`` of ``n`` is in data-parallel group
+        ``i // (n / dp)`` of a stage, the group of its request's slot."""
         out = []
-        for si, a in enumerate(self.allocators):
-            groups = [self.group(i, si) for i in range(self.max_batch)]
+        for si, (a, dp) in enumerate(zip(self.allocators, self.dps)):
+            groups = [i // (len(rows) // dp) for i in range(len(rows))]
             out.append(a.block_table([r.id if r is not None else None for r in rows], self.width, groups))
         return out
+
+    def pack(self, reqs: Sequence[Request], buckets: Sequence[int] | None = None) -> list[Request | None]:
+        """Rows for a step's requests: as few as hold them (a row bucket), each request in a row of the same
+        data-parallel groups as its slot, at every stage.
+
+        A slot's finest group ``slot // (max_batch / unit)`` decides its group at every stage (each dp
+        divides ``unit``), so the rows are cut into ``unit`` equal blocks, one per finest group.
+        """
+        per_slot_group = self.max_batch // self.unit
+        blocks: list[list[Request]] = [[] for _ in range(self.unit)]
+        for r in sorted(reqs, key=lambda r: r.slot):
+            blocks[r.slot // per_slot_group].append(r)
+        need = max(len(b) for b in blocks) * self.unit
+        n = next(b for b in buckets or self.row_buckets if b >= need)
+        rows: list[Request | None] = [None] * n
+        for f, block in enumerate(blocks):
+            rows[f * (n // self.unit):f * (n // self.unit) + len(block)] = block
+        return rows
 
     def kv_usage(self) -> float:
         return max(1 - a.num_free() / (a.num_pages - a.num_shards) for a in self.allocators)
 
     # ---- issuing work ----
 
-    def _through(self, phase: str, x, args: tuple, tables, bucket: int | None = None):
+    def _through(self, phase: str, x, args: tuple, tables, width: int):
         for si in range(len(self.kinds)):
-            prog = self.decode_progs[si] if phase == "decode" else self.prefill_program(si, bucket)
+            prog = self.program(si, x.shape[0], width)
             x = jax.device_put(x, prog.input_sharding)
             x, self.caches[si] = prog.compiled(phase)(self.params[si], self.caches[si], x, *args, tables[si])
         return x
 
-    def prefill(self, new: list[Request]):
-        """Issue the prefill of ``new`` (already in their slots, pages reserved); returns logits [B, V]."""
-        rows: list[Request | None] = [None] * self.max_batch
-        for r in new:
-            rows[r.slot] = r
-        longest = max(len(r.context) for r in new)
-        bucket = next(b for b in self.buckets if b >= longest)
-        ids = np.zeros((self.max_batch, bucket), np.int32)
-        last = np.zeros((self.max_batch,), np.int32)
-        for r in new:
-            ctx = r.context
-            ids[r.slot, :len(ctx)] = ctx
-            last[r.slot] = len(ctx) - 1
-        positions = np.broadcast_to(np.arange(bucket, dtype=np.int32), ids.shape)
-        return self._through("prefill", ids, (positions, last), self.tables(rows), bucket)
+    def prefill(self, chunks: list[tuple[Request, int]]):
+        """Issue one prefill chunk per row: ``(request, n)`` feeds the next ``n`` tokens of its context after
+        the ``request.computed`` already cached (pages reserved); returns the packed rows and the logits
+        [rows, V] at each chunk's end.
+
+        Every chunk goes through the stage ``extend`` program (it attends over the rows' cached pages and
+        the chunk), whether or not it starts its sequence: one program per shape, not two, so fewer compiles.
+        """
+        size = dict((r.id, n) for r, n in chunks)
+        rows = self.pack([r for r, _ in chunks], self.chunk_row_buckets)
+        bucket = next(b for b in self.chunk_widths(len(rows)) if b >= max(size.values()))
+        ids = np.zeros((len(rows), bucket), np.int32)
+        start = np.zeros((len(rows),), np.int32)
+        last = np.zeros((len(rows),), np.int32)
+        for i, r in enumerate(rows):
+            if r is not None:
+                n = size[r.id]
+                ids[i, :n] = r.context[r.computed:r.computed + n]
+                start[i], last[i] = r.computed, n - 1
+        positions = start[:, None] + np.arange(bucket, dtype=np.int32)[None, :]
+        return rows, self._through("extend", ids, (positions, last), self.tables(rows), bucket)
 
     def decode(self, running: list[Request]):
-        """Issue one decode step of ``running`` (pages for the fed token reserved); returns logits [B, V]."""
-        rows: list[Request | None] = [None] * self.max_batch
-        x = np.zeros((self.max_batch, 1), np.int32)
-        pos = np.zeros((self.max_batch,), np.int32)
-        for r in running:
-            rows[r.slot] = r
-            x[r.slot, 0] = r.output[-1]
-            pos[r.slot] = len(r.prompt) + len(r.output) - 1
-        return self._through("decode", x, (pos,), self.tables(rows))
+        """Issue one decode step of ``running`` (pages for the fed token reserved); returns (rows, logits)."""
+        rows = self.pack(running)
+        x = np.zeros((len(rows), 1), np.int32)
+        pos = np.zeros((len(rows),), np.int32)
+        for i, r in enumerate(rows):
+            if r is not None:
+                x[i, 0] = r.output[-1]
+                pos[i] = len(r.prompt) + len(r.output) - 1
+        return rows, self._through("decode", x, (pos,), self.tables(rows), self.buckets[0])
 
 
-def _sample(logits, reqs: list[Request], max_batch: int, eos: int | None = None):
-    """Issue sampling of the rows of ``reqs`` from ``logits`` [B, V]; returns the device array [B]."""
-    seeds = np.zeros(max_batch, np.int32)
-    steps = np.zeros(max_batch, np.int32)
-    temps = np.zeros(max_batch, np.float32)
-    ks = np.zeros(max_batch, np.int32)
-    ps = np.ones(max_batch, np.float32)
+def _sample(logits, rows: list[Request | None], reqs: list[Request], eos: int | None = None):
+    """Issue sampling of the rows of ``reqs`` (requests among ``rows``) from ``logits`` [rows, V]; returns the
+    device arrays (tokens [rows], logprobs or None)."""
+    b = len(rows)
+    at = {r.id: i for i, r in enumerate(rows) if r is not None}
+    seeds = np.zeros(b, np.int32)
+    steps = np.zeros(b, np.int32)
+    temps = np.zeros(b, np.float32)
+    ks = np.zeros(b, np.int32)
+    ps = np.ones(b, np.float32)
     for r in reqs:
-        seeds[r.slot], steps[r.slot] = r.seed, len(r.output)
-        temps[r.slot], ks[r.slot], ps[r.slot] = r.params.temperature, r.params.top_k, r.params.top_p
+        i = at[r.id]
+        seeds[i], steps[i] = r.seed, len(r.output)
+        temps[i], ks[i], ps[i] = r.params.temperature, r.params.top_k, r.params.top_p
     sampled = any(r.params.temperature > 0 for r in reqs)
     extra = {}
-    bans = {r.slot: list(r.params.stop_token_ids) + ([eos] if eos is not None and not r.params.ignore_eos else [])
+    bans = {at[r.id]: list(r.params.stop_token_ids) + ([eos] if eos is not None and not r.params.ignore_eos else [])
             for r in reqs if len(r.output) < r.params.min_tokens}
     bans = {k: v for k, v in bans.items() if v}
     if bans:
-        banned = np.full((max_batch, max(map(len, bans.values()))), -1, np.int32)
-        for slot, ids in bans.items():
-            banned[slot, :len(ids)] = ids
+        banned = np.full((b, max(map(len, bans.values()))), -1, np.int32)
+        for i, ids in bans.items():
+            banned[i, :len(ids)] = ids
         extra["banned"] = banned
     pen = [r for r in reqs if r.params.presence_penalty or r.params.frequency_penalty]
     if pen:
-        counts = np.zeros((max_batch, logits.shape[-1]), np.float32)
-        presence = np.zeros(max_batch, np.float32)
-        frequency = np.zeros(max_batch, np.float32)
+        counts = np.zeros((b, logits.shape[-1]), np.float32)
+        presence = np.zeros(b, np.float32)
+        frequency = np.zeros(b, np.float32)
         for r in pen:
+            i = at[r.id]
             if r.output:
-                counts[r.slot] = np.bincount(r.output, minlength=logits.shape[-1])[:logits.shape[-1]]
-            presence[r.slot], frequency[r.slot] = r.params.presence_penalty, r.params.frequency_penalty
+                counts[i] = np.bincount(r.output, minlength=logits.shape[-1])[:logits.shape[-1]]
+            presence[i], frequency[i] = r.params.presence_penalty, r.params.frequency_penalty
         extra.update(counts=counts, presence=presence, frequency=frequency)
     toks = sample_rows(logits, seeds, steps, temps, ks, ps, any_sampled=sampled, **extra)
     top = max((r.params.logprobs for r in reqs if r.params.logprobs is not None), default=None)
@@ -389,6 +461,13 @@ class EngineStats:
     prefill_tokens: int = 0
     generated_tokens: int = 0
     steps: int = 0
+    step_tokens: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=4096))
+    """Tokens fed per replica step (decode rows plus prefill chunks), the most recent ones."""
+
+
+DEFAULT_MAX_BATCH = 32
+"""Rows per replica unless told: decode steps cost little more for 32 rows than for 8 (the weights are
+read once a step either way) and a step packs only the rows it uses (benchmarks/serve_load.py)."""
 
 
 class Engine:
@@ -396,17 +475,21 @@ class Engine:
 
     ``model`` is a ``ModelConfig`` (random weights from ``seed``) or a loaded
     model (``hexjax.load_hf``).  ``max_batch`` rows per replica (a multiple of
-    every stage's dp); ``num_pages`` pages per stage pool (an int, or a list per
+    every stage's dp; default ``DEFAULT_MAX_BATCH``); ``num_pages`` pages per stage pool (an int, or a list per
     stage; default: enough for every row at ``max_model_len``); ``eos_token_id``
     ends sequences unless a request sets ``ignore_eos``.  ``metrics`` receives
-    events (``hexjax.serve.metrics.ServeMetrics``).
+    events (``hexjax.serve.metrics.ServeMetrics``).  ``max_step_tokens``: tokens
+    one replica step feeds at most (decoding rows plus prefill chunks).
+    ``detokenize`` (token ids -> text, e.g. a tokenizer's decode) gives outputs
+    their text and enables stop strings.
     """
 
-    def __init__(self, model, plan, *, max_batch: int = 8, max_model_len: int | None = None,
+    def __init__(self, model, plan, *, max_batch: int | None = None, max_model_len: int | None = None,
                  num_pages=None, page_size: int | None = None, eos_token_id: int | None = None,
-                 max_prefill_tokens: int | None = None, dtype: str | None = None, seed: int = 0,
+                 max_step_tokens: int | None = None, dtype: str | None = None, seed: int = 0,
                  attention_impl: str = "auto", platform: str | None = None, metrics=None,
-                 warmup: bool = False, params: dict | None = None):
+                 warmup: bool = False, params: dict | None = None,
+                 detokenize: Callable[[list[int]], str] | None = None):
         from hexjax.runtime.build import PAGE_SIZE
         from hexjax.runtime.devices import plan_devices
         from hexjax.runtime.generation import check_plan, model_params, plan_dtype
@@ -420,15 +503,27 @@ class Engine:
         self.model_name = cfg.name
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.page_size = page_size or PAGE_SIZE
+        if max_batch is None:   # DEFAULT_MAX_BATCH rows, rounded up to a multiple of every stage's dp
+            unit = math.lcm(*(st.dp for rep in plan.replicas for st in rep.stages))
+            max_batch = -(-DEFAULT_MAX_BATCH // unit) * unit
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ConfigError(f"max_batch must be a positive number of rows, got {max_batch!r}. "
+                              "Fix: give --max-batch 1 or more (or leave it out)")
         self.max_batch = max_batch
         self.eos_token_id = eos_token_id
-        self.max_prefill_tokens = max_prefill_tokens or max(self.max_model_len, 2048)
+        self.max_step_tokens = max(512, 2 * max_batch) if max_step_tokens is None else max_step_tokens
+        if self.max_step_tokens < max_batch + 1:
+            raise ConfigError(f"max_step_tokens ({self.max_step_tokens}) must exceed max_batch ({max_batch}): "
+                              "every running row decodes one token a step and prefill needs room beside them. "
+                              f"Fix: give max_step_tokens at least {max_batch + 1}, or a smaller max_batch")
         self.dtype = dtype or plan_dtype(plan)
         self.metrics = metrics
+        self.detokenize = detokenize
         devices = plan_devices(plan, platform)
         self.replicas = [ReplicaEngine(i, rep, cfg, params, devices, self.dtype, max_batch=max_batch,
                                        max_model_len=self.max_model_len, page_size=self.page_size,
-                                       num_pages=num_pages, attention_impl=attention_impl)
+                                       num_pages=num_pages, attention_impl=attention_impl,
+                                       max_chunk=self.max_step_tokens)
                          for i, rep in enumerate(plan.replicas)]
         if warmup:
             for r in self.replicas:
@@ -463,6 +558,9 @@ class Engine:
         bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise ConfigError(f"token ids {bad[:3]} outside the vocabulary [0, {self.cfg.vocab_size})")
+        if params.stop and self.detokenize is None:
+            raise ConfigError("stop strings need the model's tokenizer, and this engine has none; "
+                              "use stop_token_ids")
         total = len(ids) + params.max_tokens
         if total > self.max_model_len:
             raise ConfigError(f"this model's maximum context length is {self.max_model_len} tokens, but the "
@@ -481,7 +579,8 @@ class Engine:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
         with self._id_lock:
             req = Request(next(self._ids), ids, params, seed, next(self._order), time.perf_counter(),
-                          callback=callback)
+                          callback=callback,
+                          text=TextStream(self.detokenize, params.stop) if self.detokenize else None)
             self._inbox.append(("add", req))
         self._event.set()
         return req.id
@@ -550,8 +649,8 @@ class Engine:
         self.waiting.insert(idx, req)
 
     def _grow_running(self, rep: ReplicaEngine) -> list[Request]:
-        """Pages for every running row's next token, preempting the youngest on a shortage."""
-        for req in sorted((r for r in rep.slots if r is not None), key=lambda r: r.order):
+        """Pages for every decoding row's next token, preempting the youngest on a shortage."""
+        for req in sorted((r for r in rep.slots if r is not None and r.decoding), key=lambda r: r.order):
             while req.slot is not None:
                 short = rep.reserve(req, len(req.prompt) + len(req.output))
                 if short is None:
@@ -559,21 +658,48 @@ class Engine:
                 g = rep.group(req.slot, short)
                 victims = [r for r in rep.slots if r is not None and rep.group(r.slot, short) == g]
                 self._preempt(max(victims, key=lambda r: r.order))
-        return [r for r in rep.slots if r is not None]
+        return [r for r in rep.slots if r is not None and r.decoding]
 
-    def _admit(self) -> dict[int, list[Request]]:
-        new: dict[int, list[Request]] = {}
-        budget = self.max_prefill_tokens
+    def _chunks(self, decoding: dict[int, list[Request]]) -> dict[int, list[tuple[Request, int]]]:
+        """Prefill work of this step per replica, as (request, tokens) chunks, within the step's token budget.
+
+        Each replica's step feeds at most ``max_step_tokens`` tokens: one per decoding row first (they never
+        wait for a prefill), then the next chunk of the prompts already being prefilled (oldest first), then
+        new requests; a prompt longer than what is left is cut and goes on next step.
+        """
+        budget = {rep.index: self.max_step_tokens - len(decoding[rep.index]) for rep in self.replicas}
+        chunks: dict[int, list[tuple[Request, int]]] = {}
+        for rep in self.replicas:
+            for req in sorted((r for r in rep.slots if r is not None and not r.decoding), key=lambda r: r.order):
+                n = min(len(req.context) - req.computed, budget[rep.index])
+                if n < 1:
+                    break
+                chunks.setdefault(rep.index, []).append((req, n))
+                budget[rep.index] -= n
+        for rep, req in self._admit(budget):
+            n = min(len(req.context), budget[rep.index])
+            chunks.setdefault(rep.index, []).append((req, n))
+            budget[rep.index] -= n
+        for ri, work in chunks.items():   # chunks no wider than the packed rows' shape allows
+            rep = self.replicas[ri]
+            widest = rep.chunk_widths(len(rep.pack([r for r, _ in work], rep.chunk_row_buckets)))[-1]
+            chunks[ri] = [(r, min(n, widest)) for r, n in work]
+        return chunks
+
+    def _admit(self, budget: dict[int, int]) -> list[tuple[ReplicaEngine, Request]]:
+        """Waiting requests that join a replica this step (slot taken, pages for their context reserved)."""
+        new = []
+        budget = dict(budget)
         while self.waiting:
             req = self.waiting[0]
             n = len(req.context)
-            if new and n > budget:
-                break
             best = None
-            for rep in self.replicas:
+            allowed = self.plan.route(len(req.prompt), req.params.max_tokens)   # the plan's size routing
+            for rep in self.replicas:   # choose a replica
                 free = rep.free_slots()
-                if not free or any(pages_for(len(req.prompt) + req.params.max_tokens, self.page_size)
-                                   > rep.capacity_pages(si) for si in range(len(rep.kinds))):
+                if (allowed is not None and rep.index not in allowed) or not free or budget[rep.index] < 1 or any(
+                        pages_for(len(req.prompt) + req.params.max_tokens, self.page_size)
+                        > rep.capacity_pages(si) for si in range(len(rep.kinds))):
                     continue
                 slot = max((s for s in free if rep.fits_slot(s, n + 1)),
                            key=lambda s: min(a.num_free(rep.group(s, si)) for si, a in enumerate(rep.allocators)),
@@ -590,9 +716,8 @@ class Engine:
             req.replica, req.slot = rep.index, slot
             rep.slots[slot] = req
             assert rep.reserve(req, n) is None
-            budget -= n
-            self.stats.prefill_tokens += n
-            new.setdefault(rep.index, []).append(req)
+            budget[rep.index] -= min(n, budget[rep.index])
+            new.append((rep, req))
         return new
 
     def _finish(self, req: Request, reason: str) -> None:
@@ -605,6 +730,9 @@ class Engine:
         out = RequestOutput(req.id, req.output[req.emitted:], list(req.output), len(req.prompt), req.finished,
                             req.finish_reason, *((list(req.logprobs), req.logprobs[req.emitted:])
                                                  if req.params.logprobs is not None else (None, None)))
+        if req.text is not None:
+            out.new_text = req.text.take(req.finished)
+            out.text = req.text.text[:req.text.sent]
         req.emitted = len(req.output)
         if req.callback is not None:
             try:
@@ -628,6 +756,8 @@ class Engine:
                 (self.eos_token_id is not None and token == self.eos_token_id and not p.ignore_eos)
                 or token in p.stop_token_ids):
             reason = "stop"
+        elif req.text is not None and req.text.update(req.output, stops=len(req.output) >= p.min_tokens):
+            reason = "stop"
         elif len(req.output) >= p.max_tokens or len(req.prompt) + len(req.output) >= self.max_model_len:
             reason = "length"
         else:
@@ -640,24 +770,42 @@ class Engine:
         with self._lock:
             self._drain()
             decoding = {rep.index: self._grow_running(rep) for rep in self.replicas}
-            prefilling = self._admit()
+            chunks = self._chunks(decoding)
             issued = []
             for rep in self.replicas:
-                for reqs, issue in ((prefilling.get(rep.index), rep.prefill), (decoding[rep.index], rep.decode)):
-                    if reqs:
-                        issued.append((reqs, _sample(issue(reqs), reqs, rep.max_batch, self.eos_token_id)))
+                work = chunks.get(rep.index)
+                if work:
+                    rows, logits = rep.prefill(work)
+                    for r, n in work:
+                        r.computed += n
+                        self.stats.prefill_tokens += n
+                    # rows whose whole context is now cached take their next token from this chunk's logits
+                    done = [r for r, _ in work if r.computed == len(r.context)]
+                    if done:
+                        issued.append((done, rows, _sample(logits, rows, done, self.eos_token_id)))
+                reqs = decoding[rep.index]
+                if reqs:
+                    rows, logits = rep.decode(reqs)
+                    issued.append((reqs, rows, _sample(logits, rows, reqs, self.eos_token_id)))
+                if work or reqs:
+                    self.stats.step_tokens.append(sum(n for _, n in work or ()) + len(reqs))
+            for reqs, _, _ in issued:
+                for r in reqs:
+                    r.decoding = True
             outs, self._aborted = self._aborted, []
-            for reqs, (toks, lps) in issued:
+            for reqs, rows, (toks, lps) in issued:
+                at = {r.id: i for i, r in enumerate(rows) if r is not None}
                 toks = np.asarray(toks)
                 if lps is not None:
                     chosen, vals, ids = (np.asarray(a) for a in lps)
                 now = time.perf_counter()
                 for r in reqs:
+                    i = at[r.id]
                     if r.params.logprobs is not None:
                         n = r.params.logprobs
-                        r.logprobs.append((float(chosen[r.slot]),
-                                           [(int(i), float(v)) for i, v in zip(ids[r.slot, :n], vals[r.slot, :n])]))
-                    self._accept(r, int(toks[r.slot]), now)
+                        r.logprobs.append((float(chosen[i]),
+                                           [(int(t), float(v)) for t, v in zip(ids[i, :n], vals[i, :n])]))
+                    self._accept(r, int(toks[i]), now)
                     outs.append(self._emit(r))
                     if r.finished:
                         self.requests.pop(r.id, None)

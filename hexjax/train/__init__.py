@@ -5,7 +5,9 @@
     from hexjax.train import Trainer, TrainConfig
     tr = Trainer(cfg, plan, config=TrainConfig(lr=3e-4, warmup_steps=100, decay_steps=10_000), microbatches=4)
     metrics = tr.step(tokens)          # tokens [B, S+1]; {loss, grad_norm, lr, tokens, seconds}
-    tr.save("ckpt")                    # keyed by global layer: restores under any other plan
+    tr.save("ckpt")                    # asynchronous; keyed by global layer: restores under any other plan
+    tr.wait_for_saves()                # committed (the next save and restore wait by themselves)
+    Trainer(cfg, plan, dtype="bfloat16")   # bf16 compute, fp32 master weights and AdamW state
     Trainer(cfg, other_plan, config=...).restore("ckpt")
     tr.save_hf("out")                  # a Hugging Face checkpoint transformers loads
 

@@ -18,6 +18,10 @@ model per save and restore, which suits single-host training.
 orbax writes a step into a temporary directory and renames it when complete,
 so an interrupted save leaves the previous checkpoints intact (the partial one
 is not listed as a step and is cleaned up by the next manager).
+
+Saves are asynchronous (``CheckpointWriter``): the caller hands over host
+copies and goes on while orbax writes them in the background; the next save
+into the directory, ``wait()`` and ``close()`` wait for it to be committed.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ from hexjax.models.config import ModelConfig
 FORMAT = 1
 
 
-def _manager(directory, keep: int | None = None, create: bool = True):
+def _manager(directory, keep: int | None = None, create: bool = True, asynchronous: bool = False):
     import orbax.checkpoint as ocp
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                           enable_async_checkpointing=asynchronous)
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
@@ -44,19 +49,50 @@ def _model_dict(cfg: ModelConfig) -> dict:
     return json.loads(json.dumps(cfg.to_dict()))
 
 
+class CheckpointWriter:
+    """Asynchronous saves into one checkpoint directory, keeping the last ``keep`` steps.
+
+    ``save`` returns once orbax has taken the arrays (host arrays, owned by the caller and not changed
+    afterwards); the files are written and the step committed (renamed into place) in the background.
+    A save waits for the previous one first, so at most one is in flight."""
+
+    def __init__(self, directory, keep: int = 3):
+        self.directory = Path(directory).absolute()
+        self._mngr = _manager(self.directory, keep, asynchronous=True)
+
+    def save(self, step: int, cfg: ModelConfig, params: dict, opt_state: dict, steps_taken: int,
+             extra: dict | None = None) -> None:
+        import orbax.checkpoint as ocp
+        state = {"params": params,
+                 "opt_state": {k: {str(i): np.asarray(a) for i, a in enumerate(jax.tree.leaves(v))}
+                               for k, v in opt_state.items()}}
+        meta = {"format": FORMAT, "model": _model_dict(cfg), "step": int(step), "steps_taken": int(steps_taken),
+                "extra": extra or {}}
+        self._mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                           meta=ocp.args.JsonSave(meta)), force=True)
+
+    def saving(self) -> bool:
+        """Whether a save is still being written."""
+        return self._mngr.is_saving_in_progress()
+
+    def wait(self) -> None:
+        """Block until every save issued so far is committed (raises what a background write raised)."""
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for the pending save, then release orbax's threads."""
+        self._mngr.close()
+
+
 def save_checkpoint(directory, step: int, cfg: ModelConfig, params: dict, opt_state: dict, steps_taken: int,
                     extra: dict | None = None, keep: int = 3) -> None:
-    """Write checkpoint ``step`` (host arrays keyed by global layer); keeps the last ``keep``."""
-    import orbax.checkpoint as ocp
-    state = {"params": params,
-             "opt_state": {k: {str(i): np.asarray(a) for i, a in enumerate(jax.tree.leaves(v))}
-                           for k, v in opt_state.items()}}
-    meta = {"format": FORMAT, "model": _model_dict(cfg), "step": int(step), "steps_taken": int(steps_taken),
-            "extra": extra or {}}
-    with _manager(directory, keep) as mngr:
-        mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     meta=ocp.args.JsonSave(meta)), force=True)
-        mngr.wait_until_finished()
+    """Write checkpoint ``step`` (host arrays keyed by global layer) and wait until it is committed."""
+    writer = CheckpointWriter(directory, keep)
+    try:
+        writer.save(step, cfg, params, opt_state, steps_taken, extra)
+        writer.wait()
+    finally:
+        writer.close()
 
 
 def latest_step(directory) -> int | None:

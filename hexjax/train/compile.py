@@ -194,13 +194,13 @@ def expected_argument_bytes(c: TrainCompile, cfg: ModelConfig, dtype: str) -> in
 
 
 def dump_train_hlo(plan, cfg: ModelConfig, out_dir, seq_len: int, global_batch: int, microbatches: int, *,
-                   config=None, dtype: str = "float32", progress=None) -> list[TrainCompile]:
+                   config=None, dtype: str = "float32", replica_rows=None, progress=None) -> list[TrainCompile]:
     """Compile (``compile_train``) and write per program ``NAME.stablehlo.mlir``, ``NAME.hlo.txt``,
     ``NAME.cost.json``, ``NAME.memory.json``, and ``summary.md``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     compiles = compile_train(plan, cfg, seq_len, global_batch, microbatches, config=config, dtype=dtype,
-                             keep_text=True, progress=progress)
+                             replica_rows=replica_rows, keep_text=True, progress=progress)
     for c in compiles:
         (out / f"{c.name}.stablehlo.mlir").write_text(c.stablehlo)
         (out / f"{c.name}.hlo.txt").write_text(c.hlo)

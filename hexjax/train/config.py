@@ -38,6 +38,11 @@ class TrainConfig:
     """Recompute each decoder layer's activations in the backward pass (``jax.checkpoint`` per layer)."""
     keep_checkpoints: int = 3
     """Checkpoints kept in a checkpoint directory (older ones are deleted)."""
+    master_dtype: str | None = "float32"
+    """dtype of the parameters' master copy, their gradients and the optimizer state. With a lower
+    compute dtype (``Trainer(dtype="bfloat16")``) this is mixed precision: each stage program casts the
+    weights down for its matmuls and the update runs in ``master_dtype``. None: the compute dtype
+    (e.g. pure bfloat16)."""
 
     def __post_init__(self):
         if not self.lr > 0:
@@ -52,5 +57,7 @@ class TrainConfig:
             raise ConfigError(f"clip_norm must be positive or None, got {self.clip_norm}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must not be negative, got {self.weight_decay}")
+        if self.master_dtype is not None and self.master_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"master_dtype must be float32, bfloat16, float16 or None, got {self.master_dtype!r}")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")

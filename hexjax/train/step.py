@@ -14,6 +14,12 @@
 
 Shapes of the mesh and parameter layout come from ``hexjax.runtime.stage`` and
 ``hexjax.runtime.sharding``; batches are split over ``dp`` by the input sharding.
+
+Mixed precision: parameters (the master copy), gradients and optimizer state
+are kept in ``master_dtype``; ``fwd``/``bwd`` cast the parameters to the
+stage's compute dtype (``kind.dtype``) inside the program, so activations and
+their cotangents travel in the compute dtype while the vjp through the cast
+hands back gradients in the master dtype.  The loss is always float32.
 """
 
 from __future__ import annotations
@@ -82,14 +88,18 @@ def stage_apply(kind: StageKind, remat: bool):
 class StageStep:
     """Shardings and jitted training programs of one stage (see the module docstring)."""
 
-    def __init__(self, kind: StageKind, devices: list, opt: optax.GradientTransformation, remat: bool = False):
+    def __init__(self, kind: StageKind, devices: list, opt: optax.GradientTransformation, remat: bool = False,
+                 master_dtype: str | None = None):
         self.kind = kind
+        self.compute_dtype = jnp.dtype(kind.dtype)
+        self.master_dtype = jnp.dtype(master_dtype or kind.dtype)
         self.devices = list(devices)
         self.mesh = mesh = sharding.make_mesh(self.devices, kind.dp, kind.tp)
         module = stage_module(kind)
         self.param_specs = sharding.param_specs(llama.logical_axes(module), kind.cfg, kind.tp)
         self.param_shardings = sharding.named(mesh, self.param_specs)
-        self.abstract_params = llama.abstract_params(module)
+        self.abstract_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, self.master_dtype),
+                                            llama.abstract_params(module))
         self.keys = list(self.abstract_params)
         self.replicated = NamedSharding(mesh, P())
         self.rows_sharding = NamedSharding(mesh, P("dp", None))
@@ -100,7 +110,14 @@ class StageStep:
         from hexjax.train.optimizer import state_shardings
         self.state_shardings = {k: state_shardings(opt, self.abstract_state[k], self.param_shardings[k],
                                                    self.replicated) for k in self.keys}
-        f = stage_apply(kind, remat)
+        f_compute = stage_apply(kind, remat)
+        if self.master_dtype == self.compute_dtype:
+            f = f_compute
+        else:
+            cdt = self.compute_dtype
+
+            def f(params, x):
+                return f_compute(jax.tree.map(lambda a: a.astype(cdt), params), x)
         ps, rep, inp = self.param_shardings, self.replicated, self.input_sharding
 
         if kind.head:
@@ -158,10 +175,10 @@ class StageStep:
         return _sum_squares({k: grads[k] for k in keys})
 
     def place_params(self, params: dict) -> dict:
-        """This stage's sub-tree of a full parameter tree, cast to the stage dtype and placed on its mesh.
+        """This stage's sub-tree of a full parameter tree, cast to the master dtype and placed on its mesh.
 
         Goes through host copies, so the placed arrays never alias the caller's (the update donates them)."""
-        dt = jnp.dtype(self.kind.dtype)
+        dt = self.master_dtype
         sub = {k: jax.tree.map(lambda a: np.asarray(a).astype(dt), params[k]) for k in self.keys}
         return jax.device_put(sub, self.param_shardings)
 
@@ -181,4 +198,4 @@ def tree_sum(trees):
 def stage_step(kind: StageKind, devices: tuple, config) -> StageStep:
     """A stage's programs for a ``TrainConfig``, shared by every trainer with the same stage and devices."""
     from hexjax.train.optimizer import make_optimizer
-    return StageStep(kind, list(devices), make_optimizer(config), config.remat)
+    return StageStep(kind, list(devices), make_optimizer(config), config.remat, config.master_dtype)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -42,6 +43,12 @@ class _Stage:
     step: StageStep
     params: dict
     state: dict
+
+
+def _host_copy(tree):
+    """Host arrays that own their memory: the update donates device buffers a host view could alias,
+    and an asynchronous save reads the arrays after the step loop has moved on."""
+    return jax.tree.map(lambda a: np.array(a, copy=True), tree)
 
 
 def _model_config(cfg_or_model) -> tuple[ModelConfig, Any]:
@@ -94,20 +101,30 @@ class Trainer:
     ``cfg_or_model``: a ``ModelConfig`` or preset name (random weights from
     ``seed``), or a model with ``.cfg`` and ``.params`` (e.g. ``LlamaModel``);
     ``params`` overrides the starting weights (a full tree keyed by global layer).
-    ``replica_rows`` gives each replica's rows of the global batch (default equal).
+    ``microbatches`` and ``replica_rows`` (each replica's rows of the global batch) default to a training
+    plan's own (``plan.training``), else 1 and equal rows.
     ``devices`` are the devices the plan's indices refer to (default ``jax.devices()``).
-    ``dtype`` is that of parameters, optimizer state and activations (float32 unless memory demands
-    otherwise: there is no mixed precision yet). With ``global_batch`` and ``seq_len`` the batch split is
+    ``dtype`` is the compute dtype (matmuls, activations moved between stages); parameters, gradients and
+    optimizer state are kept in ``config.master_dtype`` (float32 by default, so ``dtype="bfloat16"`` is
+    mixed precision). With ``global_batch`` and ``seq_len`` the batch split is
     checked before any weights are placed (``step`` checks every batch anyway).
+    ``move``/``read`` replace ``jax.device_put`` between stages and ``np.asarray`` for values read back
+    (``hexjax.runtime.distributed``'s when the plan's stages live on several processes).
     """
 
-    def __init__(self, cfg_or_model, plan: Plan, *, config: TrainConfig | None = None, microbatches: int = 1,
-                 seed: int = 0, params: dict | None = None, replica_rows: tuple[int, ...] | None = None,
+    def __init__(self, cfg_or_model, plan: Plan, *, config: TrainConfig | None = None,
+                 microbatches: int | None = None, seed: int = 0, params: dict | None = None, replica_rows: tuple[int, ...] | None = None,
                  devices: list | None = None, dtype: str = "float32", global_batch: int | None = None,
-                 seq_len: int | None = None):
+                 seq_len: int | None = None, move=None, read=None):
         cfg, model_params = _model_config(cfg_or_model)
+        self._move = move or jax.device_put
+        self._read = read or np.asarray
         self.cfg, self.plan = cfg, plan
         self.config = config or TrainConfig()
+        if microbatches is None:     # a training plan carries its microbatches and batch shares
+            microbatches = plan.microbatches or 1
+        if replica_rows is None:
+            replica_rows = plan.replica_rows
         if microbatches < 1:
             raise ConfigError(f"microbatches must be at least 1, got {microbatches}")
         self.microbatches = microbatches
@@ -125,6 +142,7 @@ class Trainer:
             check_batch_shape(cfg, plan, global_batch, seq_len, microbatches, self.replica_rows)
         self.schedule = lr_schedule(self.config)
         self.step_count = 0
+        self._writer = None        # the CheckpointWriter of the last directory saved into
 
         # stages, and for every key the (replica, stage) pairs holding it; the first is its owner
         self.replicas: list[list[_Stage]] = []
@@ -191,19 +209,40 @@ class Trainer:
         return rows, ids, targets, n_tokens
 
     def _issue_grads(self, batch_tokens):
-        """Issue every replica's forward and backward and the sum over holders; nothing is read."""
+        """Issue every replica's forward and backward and the sum over holders; nothing is read.
+
+        The replicas' 1F1B sequences are issued one operation per replica in turn, and the sum of a group
+        of keys is issued as soon as the last backward of every stage holding them has been issued: the
+        last stages' gradients are reduced while the earlier stages still run their backward."""
         rows, ids, targets, n_tokens = self._split_batch(batch_tokens)
         inv = np.float32(1.0 / n_tokens)
-        grads, losses = [], []
-        start = 0
+        grads = [[st.step.zeros() for st in row] for row in self.replicas]
+        losses: list[list] = [[] for _ in self.replicas]
+        runs, start = [], 0
         for r, row in enumerate(self.replicas):
-            g, l = self._replica_grads(row, ids[start:start + rows[r]], targets[start:start + rows[r]], inv)
-            grads.append(g)
-            losses += l
+            runs.append((r, self._replica_ops(row, ids[start:start + rows[r]], targets[start:start + rows[r]],
+                                              inv, grads[r], losses[r])))
             start += rows[r]
-        summed = self._sum_grads(grads)
+        groups = self._key_groups()
+        waiting = {hs: set(hs) for hs in groups}
+        summed: dict = {}
+        while runs:
+            going = []
+            for r, run in runs:
+                finished = next(run, StopIteration)
+                if finished is StopIteration:
+                    continue
+                going.append((r, run))
+                if finished is None:
+                    continue
+                for hs in groups:
+                    if (r, finished) in waiting[hs]:
+                        waiting[hs].discard((r, finished))
+                        if not waiting[hs]:
+                            summed.update(self._sum_group(hs, groups[hs], grads))
+            runs = going
         norm = self._global_norm(summed)
-        loss = sum(jax.device_put(x, norm.sharding) for x in losses) * inv
+        loss = sum(self._move(x, norm.sharding) for ls in losses for x in ls) * inv
         return summed, norm, loss, n_tokens
 
     def step(self, batch_tokens) -> dict:
@@ -214,13 +253,13 @@ class Trainer:
         summed, norm, loss, n_tokens = self._issue_grads(batch_tokens)
         scale = clip_scale(norm, self.config.clip_norm)
         for r, s, st in self._stages():
-            g = {k: summed[k] if self.holders[k][0] == (r, s) else jax.device_put(summed[k], st.step.param_shardings[k])
+            g = {k: summed[k] if self.holders[k][0] == (r, s) else self._move(summed[k], st.step.param_shardings[k])
                  for k in st.step.keys}
-            sc = jax.device_put(scale, st.step.replicated)
+            sc = self._move(scale, st.step.replicated)
             st.params, st.state = st.step.update(st.params, st.state, g, sc)
         lr = float(self.schedule(self.step_count))
         self.step_count += 1
-        out = {"loss": float(loss), "grad_norm": float(norm), "lr": lr, "tokens": n_tokens}
+        out = {"loss": float(self._read(loss)), "grad_norm": float(self._read(norm)), "lr": lr, "tokens": n_tokens}
         out["seconds"] = time.perf_counter() - t0
         return out
 
@@ -228,7 +267,7 @@ class Trainer:
         """``(loss, gradients)`` of the mean token loss of ``batch_tokens`` at the current parameters,
         summed over replicas, on the host and keyed by global layer; no update is made."""
         summed, _, loss, _ = self._issue_grads(batch_tokens)
-        return float(loss), {k: jax.tree.map(np.asarray, v) for k, v in summed.items()}
+        return float(self._read(loss)), {k: jax.tree.map(self._read, v) for k, v in summed.items()}
 
     def evaluate(self, batch_tokens) -> float:
         """Mean token loss of ``batch_tokens`` [B, S+1] through the forward programs only (no gradients)."""
@@ -238,63 +277,107 @@ class Trainer:
             mb = rows[r] // self.microbatches
             for m in range(self.microbatches):
                 lo = start + m * mb
-                x = jax.device_put(ids[lo:lo + mb], row[0].step.input_sharding)
+                x = self._move(ids[lo:lo + mb], row[0].step.input_sharding)
                 for s, st in enumerate(row[:-1]):
-                    x = jax.device_put(st.step.fwd(st.params, x), row[s + 1].step.input_sharding)
+                    x = self._move(st.step.fwd(st.params, x), row[s + 1].step.input_sharding)
                 last = row[-1]
-                tgt = jax.device_put(targets[lo:lo + mb], last.step.rows_sharding)
+                tgt = self._move(targets[lo:lo + mb], last.step.rows_sharding)
                 losses.append(last.step.fwd(last.params, x, tgt)[0])
             start += rows[r]
         dev = losses[0].sharding
-        return float(sum(jax.device_put(x, dev) for x in losses[1:]) + losses[0]) / n_tokens
+        return float(self._read(sum(self._move(x, dev) for x in losses[1:]) + losses[0])) / n_tokens
 
-    def _replica_grads(self, row: list[_Stage], ids: np.ndarray, targets: np.ndarray, inv):
-        """Issue one replica's 1F1B step; returns its per-stage gradient trees and loss sums."""
+    def _replica_ops(self, row: list[_Stage], ids: np.ndarray, targets: np.ndarray, inv, acc: list, losses: list):
+        """Issue one replica's 1F1B step one operation per ``next``, adding gradients into ``acc`` (one tree
+        per stage) and loss sums to ``losses``; yields the stage whose last backward was just issued, else None."""
         n_stages, m_count = len(row), self.microbatches
         mb = ids.shape[0] // m_count
         inbox: list[dict[int, Any]] = [dict() for _ in row]   # stage inputs, kept until the backward
         cots: list[dict[int, Any]] = [dict() for _ in row]
-        acc = [st.step.zeros() for st in row]
-        losses = []
         last = row[-1].step
         for op, s, m in one_f_one_b(n_stages, m_count):
             st = row[s]
             if op == "F":
                 if s == 0:
-                    inbox[0][m] = jax.device_put(ids[m * mb:(m + 1) * mb], st.step.input_sharding)
+                    inbox[0][m] = self._move(ids[m * mb:(m + 1) * mb], st.step.input_sharding)
                 if s < n_stages - 1:
                     y = st.step.fwd(st.params, inbox[s][m])
-                    inbox[s + 1][m] = jax.device_put(y, row[s + 1].step.input_sharding)
+                    inbox[s + 1][m] = self._move(y, row[s + 1].step.input_sharding)
+                yield None
                 continue
             x = inbox[s].pop(m)
             if s == n_stages - 1:
-                tgt = jax.device_put(targets[m * mb:(m + 1) * mb], last.rows_sharding)
+                tgt = self._move(targets[m * mb:(m + 1) * mb], last.rows_sharding)
                 acc[s], dx, loss, _ = st.step.bwd(st.params, x, tgt, inv, acc[s])
                 losses.append(loss)
             else:
                 acc[s], dx = st.step.bwd(st.params, x, cots[s].pop(m), acc[s])
             if s > 0:
-                cots[s - 1][m] = jax.device_put(dx, row[s - 1].step.hidden_sharding)
-        return acc, losses
+                cots[s - 1][m] = self._move(dx, row[s - 1].step.hidden_sharding)
+            yield s if m == m_count - 1 else None
 
-    def _sum_grads(self, grads: list[list[dict]]) -> dict:
-        """Per key, the sum over its holders' gradients (in holder order), on the owner's sharding.
-
-        Keys with the same holders are summed by one program."""
+    def _key_groups(self) -> dict[tuple, list[str]]:
+        """Keys grouped by their holders (``(replica, stage)`` pairs, owner first); one sum program per group."""
         groups: dict[tuple, list[str]] = {}
         for k, hs in self.holders.items():
             groups.setdefault(tuple(hs), []).append(k)
-        out = {}
-        for hs, keys in groups.items():
-            r0, s0 = hs[0]
-            if len(hs) == 1:
-                out.update({k: grads[r0][s0][k] for k in keys})
-                continue
-            owner = self.replicas[r0][s0].step.param_shardings
-            parts = [{k: grads[r][s][k] if (r, s) == (r0, s0) else jax.device_put(grads[r][s][k], owner[k])
-                      for k in keys} for r, s in hs]
-            out.update(tree_sum(parts))
+        return groups
+
+    def _sum_group(self, hs: tuple, keys: list[str], grads: list[list[dict]]) -> dict:
+        """The sum of ``keys``' gradients over their holders ``hs`` (in holder order), on the owner's sharding."""
+        r0, s0 = hs[0]
+        if len(hs) == 1:
+            return {k: grads[r0][s0][k] for k in keys}
+        owner = self.replicas[r0][s0].step.param_shardings
+        parts = [{k: grads[r][s][k] if (r, s) == (r0, s0) else self._move(grads[r][s][k], owner[k])
+                  for k in keys} for r, s in hs]
+        return tree_sum(parts)
+
+    def _sum_grads(self, grads: list[list[dict]]) -> dict:
+        """Per key, the sum over its holders' gradients (in holder order), on the owner's sharding."""
+        out: dict = {}
+        for hs, keys in self._key_groups().items():
+            out.update(self._sum_group(hs, keys, grads))
         return out
+
+    def grad_sync_bytes(self) -> int:
+        """Bytes the gradient sum moves per step: every non-owner holder's gradients to the owner's sharding
+        and the summed gradients back (whole arrays, counted once per move, before resharding)."""
+        total = 0
+        for k, hs in self.holders.items():
+            r0, s0 = hs[0]
+            size = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+                       for a in jax.tree.leaves(self.replicas[r0][s0].step.abstract_params[k]))
+            total += 2 * (len(hs) - 1) * size
+        return total
+
+    def time_grad_sync(self, batch_tokens, repeats: int = 3) -> dict:
+        """Measure the gradient sum apart from the rest of a step (no update is made): the forward and
+        backward of every replica are run and waited for, then the sum over holders and the moves back to
+        every holder are timed alone (best of ``repeats``). Returns ``backward_s`` (issue to ready of the
+        forward/backward work), ``sync_s`` and ``sync_bytes``."""
+        rows, ids, targets, n_tokens = self._split_batch(batch_tokens)
+        inv = np.float32(1.0 / n_tokens)
+        t0 = time.perf_counter()
+        grads = [[st.step.zeros() for st in row] for row in self.replicas]
+        losses: list = []
+        start = 0
+        for r, row in enumerate(self.replicas):
+            for _ in self._replica_ops(row, ids[start:start + rows[r]], targets[start:start + rows[r]], inv,
+                                       grads[r], losses):
+                pass
+            start += rows[r]
+        jax.block_until_ready((grads, losses))
+        backward_s = time.perf_counter() - t0
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            summed = self._sum_grads(grads)
+            back = [self._move(summed[k], self.replicas[r][s].step.param_shardings[k])
+                    for k, hs in self.holders.items() for r, s in hs[1:]]
+            jax.block_until_ready((summed, back))
+            best = min(best, time.perf_counter() - t0)
+        return {"backward_s": backward_s, "sync_s": best, "sync_bytes": self.grad_sync_bytes()}
 
     def _global_norm(self, summed: dict) -> jax.Array:
         """L2 norm of every gradient (each key once), gathered on the first device of the first stage."""
@@ -302,7 +385,7 @@ class Trainer:
         for k, hs in self.holders.items():
             by_stage.setdefault(hs[0], []).append(k)
         dev = jax.sharding.SingleDeviceSharding(self.replicas[0][0].step.devices[0])
-        parts = [jax.device_put(self.replicas[r][s].step.sum_squares(summed, ks), dev)
+        parts = [self._move(self.replicas[r][s].step.sum_squares(summed, ks), dev)
                  for (r, s), ks in sorted(by_stage.items())]
         return jnp.sqrt(sum(parts[1:], parts[0]))
 
@@ -310,11 +393,11 @@ class Trainer:
 
     def params(self) -> dict:
         """The full parameter tree on the host (numpy), keyed by global layer."""
-        return {k: jax.tree.map(np.asarray, self.replicas[r][s].params[k]) for k, ((r, s), *_) in self.holders.items()}
+        return {k: jax.tree.map(self._read, self.replicas[r][s].params[k]) for k, ((r, s), *_) in self.holders.items()}
 
     def opt_state(self) -> dict:
         """The optimizer state on the host, keyed by global layer (one optax state per key)."""
-        return {k: jax.tree.map(np.asarray, self.replicas[r][s].state[k]) for k, ((r, s), *_) in self.holders.items()}
+        return {k: jax.tree.map(self._read, self.replicas[r][s].state[k]) for k, ((r, s), *_) in self.holders.items()}
 
     @property
     def num_params(self) -> int:
@@ -335,27 +418,50 @@ class Trainer:
     def replicas_in_sync(self) -> bool:
         """Whether every copy of every key holds the same parameters (reads them back)."""
         for k, hs in self.holders.items():
-            ref = jax.tree.leaves(self.replicas[hs[0][0]][hs[0][1]].params[k])
+            ref = [self._read(a) for a in jax.tree.leaves(self.replicas[hs[0][0]][hs[0][1]].params[k])]
             for r, s in hs[1:]:
-                if not all(np.array_equal(a, b) for a, b in zip(ref, jax.tree.leaves(self.replicas[r][s].params[k]))):
+                other = [self._read(a) for a in jax.tree.leaves(self.replicas[r][s].params[k])]
+                if not all(np.array_equal(a, b) for a, b in zip(ref, other)):
                     return False
         return True
 
     # ---- checkpoints ----
 
-    def save(self, directory, step: int | None = None, extra: dict | None = None) -> int:
+    def save(self, directory, step: int | None = None, extra: dict | None = None, wait: bool = False) -> int:
         """Save parameters and optimizer state (keyed by global layer) as checkpoint ``step``
-        (default: steps taken) under ``directory``; ``extra`` is JSON saved with it (e.g. the data position)."""
-        from hexjax.train.checkpoint import save_checkpoint
+        (default: steps taken) under ``directory``; ``extra`` is JSON saved with it (e.g. the data position).
+
+        Asynchronous: returns once host copies are taken and the previous save has been committed; orbax
+        writes this one while training goes on. ``wait=True`` (or ``wait_for_saves``) blocks until it is
+        committed; a step is listed in the directory only then."""
+        from hexjax.train.checkpoint import CheckpointWriter
         step = self.step_count if step is None else step
-        save_checkpoint(directory, step, self.cfg, self.params(), self.opt_state(), self.step_count, extra,
-                        keep=self.config.keep_checkpoints)
+        target = Path(directory).absolute()
+        if self._writer is not None and self._writer.directory != target:
+            self.wait_for_saves(close=True)
+        if self._writer is None:
+            self._writer = CheckpointWriter(target, keep=self.config.keep_checkpoints)
+        self._writer.save(step, self.cfg, _host_copy(self.params()), _host_copy(self.opt_state()), self.step_count,
+                          extra)
+        if wait:
+            self._writer.wait()
         return step
+
+    def wait_for_saves(self, close: bool = False) -> None:
+        """Block until every checkpoint saved so far is committed; ``close`` also releases the writer."""
+        if self._writer is None:
+            return
+        if close:
+            writer, self._writer = self._writer, None
+            writer.close()
+        else:
+            self._writer.wait()
 
     def restore(self, directory, step: int | None = None) -> dict:
         """Restore the latest (or given) checkpoint under ``directory`` onto this trainer's plan;
         returns its metadata (``step``, ``steps_taken``, ``extra``)."""
         from hexjax.train.checkpoint import restore_checkpoint
+        self.wait_for_saves()
         abstract = {k: self.replicas[r][s].step.abstract_state[k] for k, ((r, s), *_) in self.holders.items()}
         params, state, meta = restore_checkpoint(directory, step, self.cfg, abstract)
         self._place(params, state)

@@ -1,0 +1,480 @@
+"""Measure the local devices and write a device profile the cost model can use.
+
+``calibrate()`` runs micro-benchmarks on ``jax.local_devices()[0]`` (and, for
+the all-reduce, on every local device):
+
+- matmul rate per dtype at a few row counts (``rows x k @ k x k``);
+- memory read bandwidth (an XLA reduction over a large array);
+- the launch of a trivial program (the fixed cost of one program step);
+- decoder layers of the project's own :class:`hexjax.models.llama.LlamaStage`,
+  prefill and decode, at a few shapes of the chosen model (a few layers per
+  program, the launch taken off, per layer);
+- an all-reduce (``psum`` under ``shard_map``) over the local devices at two sizes;
+- host to device and device to host copies.
+
+The result is a :class:`Calibration`; :meth:`Calibration.device_spec` turns it
+into a :class:`hexjax.devices.DeviceSpec` with a :class:`DeviceProfile`, and
+:meth:`Calibration.to_toml` into a file that is both a cluster file (one host of
+the local devices) and a profile other cluster files include with
+``profiles = ["file.toml"]``.
+
+How the figures become the profile:
+
+- ``tflops`` is the best matmul rate measured (any dtype, any size);
+- ``memory_bandwidth_GBps`` is the measured read rate (memory efficiency 1);
+- ``step_overhead_us`` is the launch time, added once per stage and step;
+- the efficiency curve of each dtype comes from the decoder-layer runs: at a
+  run's matmul rows (``batch x tokens``) it is the efficiency that makes the
+  cost model's ``max(FLOPs / rate, bytes / bandwidth)`` of that layer equal
+  the measured time. Where the byte bound alone already exceeds the measured
+  time (reads faster than the streaming benchmark), the point is left out;
+  the measured time then sits below the prediction and the report says so.
+  So the curve carries everything a real layer does beyond its matmuls
+  (norms, rotary embedding, softmax, dispatch) as a lower efficiency;
+- the all-reduce fit ``t = 2 (n - 1) α + 2 (n - 1) / n * bytes / β`` gives the
+  host's device-to-device bandwidth and latency (link efficiency 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from hexjax.cluster import GB, GiB, devices_toml, profile_to_dict, _export_GBps, _export_us, _toml_value
+from hexjax.devices import DTYPE_NAMES, DeviceProfile, DeviceSpec
+from hexjax.errors import ConfigError
+from hexjax.models.config import ModelConfig
+from hexjax.workload import Workload
+
+DTYPES = {"float32": 4, "bfloat16": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """What to measure."""
+
+    matmul_rows: tuple[int, ...]
+    """Rows of the matmul benchmark."""
+    matmul_k: int
+    """Inner and output size of the matmul benchmark."""
+    prefill: tuple[tuple[int, int], ...]
+    """``(batch, tokens)`` of the layer prefills."""
+    decode: tuple[tuple[int, int], ...]
+    """``(batch, context)`` of the layer decode steps."""
+    read_bytes: int
+    """Size of the array the bandwidth benchmark reads."""
+    allreduce_bytes: tuple[int, int]
+    """Two message sizes of the all-reduce fit."""
+    copy_bytes: int
+    """Size of the host<->device copies."""
+    repeats: int
+    """Timed runs per benchmark (the fastest counts)."""
+    stack: int
+    """Decoder layers per timed program (the launch time is measured apart and taken off)."""
+
+
+FULL = Shapes(matmul_rows=(1, 8, 64, 512, 2048), matmul_k=2048,
+              prefill=((1, 32), (1, 128), (4, 128), (1, 512), (4, 512)),
+              decode=((1, 256), (4, 256), (16, 256), (64, 256)),
+              read_bytes=512 << 20, allreduce_bytes=(64 << 10, 16 << 20), copy_bytes=128 << 20, repeats=5, stack=4)
+QUICK = Shapes(matmul_rows=(1, 64, 512), matmul_k=1024,
+               prefill=((1, 64), (2, 128)), decode=((1, 128), (4, 128)),
+               read_bytes=256 << 20, allreduce_bytes=(64 << 10, 4 << 20), copy_bytes=32 << 20, repeats=4, stack=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRun:
+    """One measured decoder-layer program."""
+
+    phase: str
+    """``prefill`` or ``decode``."""
+    batch: int
+    tokens: int
+    """Tokens per row (1 for decode)."""
+    context: int
+    """Keys attended (decode) or prompt tokens (prefill)."""
+    dtype: str
+    seconds: float
+    """Fastest measured run, per layer (launch time taken off)."""
+    flops: float
+    """The cost model's FLOPs of the program."""
+    bytes: float
+    """The cost model's bytes read."""
+
+    @property
+    def rows(self) -> int:
+        """Rows of the layer's matmuls."""
+        return self.batch * self.tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Everything one ``calibrate()`` run measured."""
+
+    name: str
+    """Device name the profile defines."""
+    platform: str
+    """``cpu``, ``gpu`` or ``tpu``."""
+    device_kind: str
+    """What JAX calls the device."""
+    num_devices: int
+    """Local devices (the all-reduce ran over them)."""
+    memory_bytes: int
+    """Memory of one device."""
+    matmul: tuple[tuple[str, int, int, float], ...]
+    """``(dtype, rows, k, FLOP/s)``."""
+    read_Bps: float
+    """Memory read bandwidth."""
+    layers: tuple[LayerRun, ...]
+    """Decoder-layer runs."""
+    allreduce: tuple[tuple[int, float], ...]
+    """``(bytes, seconds)`` of the all-reduce runs (empty with one device)."""
+    launch_s: float
+    """Fastest run of a trivial program: the fixed cost of launching one."""
+    h2d_Bps: float
+    """Host to device copy rate."""
+    d2h_Bps: float
+    """Device to host copy rate."""
+    model: str
+    """Model whose layer was measured."""
+    price_per_hour: float
+    """Price written into the profile."""
+    source: str
+    """When and with what it was measured."""
+
+    @property
+    def peak_flops(self) -> float:
+        return max(r for *_, r in self.matmul)
+
+    def link(self) -> tuple[float, float]:
+        """``(bandwidth B/s, latency s)`` fitted to the all-reduce runs (ring model); defaults without them."""
+        n = self.num_devices
+        if len(self.allreduce) < 2 or n < 2:
+            return 16 * GB, 5e-6
+        (b0, t0), (b1, t1) = self.allreduce[0], self.allreduce[-1]
+        per_byte = max((t1 - t0) / (b1 - b0), 1e-15)          # = 2 (n - 1) / n / β
+        bw = 2 * (n - 1) / n / per_byte
+        alpha = max(t0 - 2 * (n - 1) / n * b0 / bw, 0.0) / (2 * (n - 1))
+        return bw, alpha
+
+    def efficiency_points(self, dtype: str) -> list[tuple[int, float]]:
+        """The curve of ``dtype``: per layer run, the efficiency that reproduces its measured time."""
+        peak, bw = self.peak_flops, self.read_Bps
+        best: dict[int, float] = {}
+        for run in self.layers:
+            if run.dtype != dtype:
+                continue
+            spare = run.seconds
+            if run.bytes / bw >= spare:   # bound by reading: says nothing about the matmul rate
+                continue
+            eff = min(run.flops / (peak * spare), 4.0)
+            best[run.rows] = max(best.get(run.rows, 0.0), eff)
+        return sorted(best.items())
+
+    def profile(self) -> DeviceProfile:
+        curves = {d: pts for d in DTYPES if (pts := self.efficiency_points(d))}
+        if not curves:   # every run read-bound: the matmul curve is the best there is
+            curves = {d: sorted({rows: r / self.peak_flops for dt, rows, _, r in self.matmul if dt == d}.items())
+                      for d in DTYPES if any(dt == d for dt, *_ in self.matmul)}
+        copy = min(self.h2d_Bps, self.d2h_Bps)
+        return DeviceProfile(tuple(curves.items()), 1.0, 1.0, self.launch_s, copy, self.source)
+
+    def device_spec(self) -> DeviceSpec:
+        """The measured device, profile included."""
+        return DeviceSpec(self.name, self.memory_bytes, self.peak_flops, self.read_Bps, self.link()[0],
+                          self.price_per_hour, self.platform if self.platform in ("gpu", "tpu") else "cpu",
+                          self.profile())
+
+    def best_of(self, other: "Calibration") -> "Calibration":
+        """Each figure at its best over two runs of the same benchmarks (fastest times, highest rates): on a
+        shared machine the least disturbed run of each benchmark is the closest to the device alone."""
+        def best(mine, theirs, key, pick):
+            merged = {key(x): x for x in mine}
+            for x in theirs:
+                merged[key(x)] = pick(merged[key(x)], x) if key(x) in merged else x
+            return tuple(merged.values())
+        return dataclasses.replace(
+            self,
+            matmul=best(self.matmul, other.matmul, lambda m: m[:3], lambda a, b: max(a, b, key=lambda m: m[3])),
+            read_Bps=max(self.read_Bps, other.read_Bps),
+            layers=best(self.layers, other.layers, lambda r: (r.phase, r.batch, r.context, r.dtype),
+                        lambda a, b: min(a, b, key=lambda r: r.seconds)),
+            allreduce=best(self.allreduce, other.allreduce, lambda a: a[0], lambda a, b: min(a, b, key=lambda x: x[1])),
+            launch_s=min(self.launch_s, other.launch_s), h2d_Bps=max(self.h2d_Bps, other.h2d_Bps),
+            d2h_Bps=max(self.d2h_Bps, other.d2h_Bps))
+
+    def predicted_layer_s(self, run: LayerRun, spec: DeviceSpec | None = None) -> float:
+        """The cost model's time of one measured layer run on the calibrated device."""
+        from hexjax.search import cost
+        spec = spec or self.device_spec()
+        rate, bw, _, _ = cost.rates(spec, DTYPES[run.dtype], run.rows)
+        return max(run.flops / rate, run.bytes / bw)
+
+    def to_toml(self) -> str:
+        """A cluster file with one host of the measured devices, whose ``[device]`` table other cluster
+        files can include (``profiles = [...]``)."""
+        spec = self.device_spec()
+        bw, lat = self.link()
+        fields: dict[str, Any] = {
+            "memory_GiB": spec.memory_bytes / GiB, "tflops": spec.peak_flops / 1e12,
+            "memory_bandwidth_GBps": _export_GBps(spec.memory_bandwidth_Bps),
+            "intra_bandwidth_GBps": _export_GBps(spec.intra_bandwidth_Bps),
+            "price_per_hour": spec.price_per_hour, "kind": spec.kind, "profile": profile_to_dict(spec.profile)}
+        lines = [f"# Device profile written by `hexjax calibrate` ({self.source})",
+                 f"# {self.device_kind} x {self.num_devices}; decoder layer of {self.model}",
+                 "# matmul rates (dtype, rows x k @ k x k): " + "; ".join(
+                     f"{d} {r}x{k}: {f / 1e9:.3g} GFLOP/s" for d, r, k, f in self.matmul),
+                 f"# memory read {self.read_Bps / GB:.3g} GB/s; host->device {self.h2d_Bps / GB:.3g} GB/s, "
+                 f"device->host {self.d2h_Bps / GB:.3g} GB/s",
+                 "# layer runs (phase, batch, tokens/context, dtype): measured vs profile-predicted ms: " + "; ".join(
+                     f"{r.phase} b{r.batch} {r.context} {r.dtype}: {r.seconds * 1e3:.3g} vs "
+                     f"{self.predicted_layer_s(r, spec) * 1e3:.3g}" for r in self.layers),
+                 f"name = {_toml_value('local-' + self.platform)}", "",
+                 "[[host]]", f"name = {_toml_value('local')}", f"device = {_toml_value(self.name)}",
+                 f"count = {self.num_devices}", f"intra_latency_us = {_toml_value(_export_us(lat))}"]
+        lines += devices_toml(self.name, fields)
+        return "\n".join(lines) + "\n"
+
+
+# ---- timing ----
+
+def best_time_s(fn: Callable[[], Any], repeats: int) -> float:
+    """Fastest of ``repeats`` runs of ``fn`` (after one warm-up run); ``fn`` must block until done."""
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _block(x):
+    import jax
+    return jax.block_until_ready(x)
+
+
+# ---- the benchmarks ----
+
+def measure_matmul(device, dtype: str, rows: int, k: int, repeats: int) -> float:
+    """FLOP/s of ``[rows, k] @ [k, k]`` in ``dtype`` on ``device``."""
+    import jax
+    import jax.numpy as jnp
+    dt = jnp.dtype(dtype)
+    a = jax.device_put(jnp.ones((rows, k), dt), device)
+    b = jax.device_put(jnp.full((k, k), 0.5, dt), device)
+    f = jax.jit(lambda a, b: a @ b)
+    return 2.0 * rows * k * k / best_time_s(lambda: _block(f(a, b)), repeats)
+
+
+def measure_read(device, nbytes: int, repeats: int) -> float:
+    """Bytes/s of streaming ``nbytes`` of float32: the faster of an XLA reduction and a matrix-vector
+    product (how a decode step reads its weights; a backend may run only the latter on every core)."""
+    import jax
+    import jax.numpy as jnp
+    x = jax.device_put(jnp.ones((nbytes // 4,), jnp.float32), device)
+    total = jax.jit(jnp.sum)
+    repeats = max(repeats, 8)   # cheap, and the fastest of many is the least disturbed by other work
+    best = best_time_s(lambda: _block(total(x)), repeats)
+    k = 1024
+    w = x.reshape(k, -1)
+    v = jax.device_put(jnp.ones((1, k), jnp.float32), device)
+    gemv = jax.jit(lambda v, w: v @ w)
+    best = min(best, best_time_s(lambda: _block(gemv(v, w)), repeats))
+    return nbytes / best
+
+
+def measure_copies(device, nbytes: int, repeats: int) -> tuple[float, float]:
+    """``(host->device, device->host)`` bytes/s of copying ``nbytes``."""
+    import jax
+    host = np.ones(nbytes // 4, np.float32)
+    on = jax.device_put(host, device)
+    _block(on)
+    h2d = nbytes / best_time_s(lambda: _block(jax.device_put(host, device)), repeats)
+    # np.array copies: a CPU device may otherwise hand back its own buffer without moving anything
+    d2h = nbytes / best_time_s(lambda: np.array(on, copy=True), repeats)
+    return h2d, d2h
+
+
+def measure_allreduce(devices, sizes: tuple[int, ...], repeats: int) -> list[tuple[int, float]]:
+    """``[(bytes, seconds)]`` of a float32 ``psum`` over ``devices`` (each holding ``bytes``)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    n = len(devices)
+    mesh = Mesh(np.array(devices), ("x",))
+    f = jax.jit(jax.shard_map(lambda v: jax.lax.psum(v, "x"), mesh=mesh, in_specs=P("x"), out_specs=P("x")))
+    out = []
+    for nbytes in sizes:
+        x = jax.device_put(jnp.ones((n * (nbytes // 4),), jnp.float32), NamedSharding(mesh, P("x")))
+        out.append((nbytes, best_time_s(lambda: _block(f(x)), repeats)))
+    return out
+
+
+def measure_launch(device, repeats: int) -> float:
+    """Seconds of launching a trivial jitted program and waiting for it."""
+    import jax
+    import jax.numpy as jnp
+    x = jax.device_put(jnp.ones((8,), jnp.float32), device)
+    f = jax.jit(lambda v: v + 1)
+    return best_time_s(lambda: _block(f(x)), max(repeats, 20))
+
+
+def measure_layer(cfg: ModelConfig, device, dtype: str, phase: str, batch: int, length: int,
+                  repeats: int, stack: int = 1, launch_s: float = 0.0) -> LayerRun:
+    """A decoder layer of ``cfg`` (the model's own stage code, ``stack`` layers in one program, the
+    launch time ``launch_s`` taken off), a prefill of ``length`` tokens or a decode step over a cache of
+    ``length`` positions, with the cost model's FLOPs and bytes of one layer."""
+    import jax
+    import jax.numpy as jnp
+    from hexjax.models.llama import LlamaStage, init_cache, init_params
+    from hexjax.search import cost
+    dt = jnp.dtype(dtype)
+    stack = min(stack, cfg.num_layers)
+    stage = LlamaStage(cfg, 0, stack, embed=False, head=False, dtype=dt, param_dtype=dt)
+    tokens = length if phase == "prefill" else 1
+    x = jnp.ones((batch, tokens, cfg.hidden_size), dt) * 0.01
+    if phase == "prefill":
+        pos = jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32), (batch, tokens))
+    else:
+        pos = jnp.full((batch, 1), length - 1, jnp.int32)
+    cache = init_cache(cfg, batch, length, stack, dtype=dt)
+    params = init_params(stage, 0)
+    x, pos, cache, params = jax.device_put((x, pos, cache, params), device)
+    f = jax.jit(lambda p, x, pos, c: stage.apply({"params": p}, x, pos, c))
+    seconds = max(best_time_s(lambda: _block(f(params, x, pos, cache)), repeats) - launch_s, 0.0) / stack
+    e = DTYPES[dtype]
+    wl = Workload(prompt_len=tokens if phase == "prefill" else max(length - 1, 1), output_len=2, batch=batch)
+    fig = cost.stage_figures(cfg, 1, 1, 1, False, False, 1, batch, wl, e,
+                             prefill_tokens=tokens, decode_context=length)
+    flops, nbytes = (fig.prefill_flops, fig.prefill_bytes) if phase == "prefill" else \
+        (fig.decode_flops, fig.decode_bytes)
+    return LayerRun(phase, batch, tokens, length, dtype, seconds, float(flops), float(nbytes))
+
+
+def _memory_bytes(device, num_devices: int) -> int:
+    stats = getattr(device, "memory_stats", lambda: None)()
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")   # a CPU: host memory shared by its devices
+    return int(total // max(num_devices, 1))
+
+
+Progress = Callable[[str], None]
+
+
+def calibrate(quick: bool = False, *, model: str | ModelConfig = "llama-125m", dtypes: tuple[str, ...] | None = None,
+              name: str | None = None, price_per_hour: float = 0.0, shapes: Shapes | None = None,
+              progress: Progress | None = None) -> Calibration:
+    """Measure the local devices (see the module docstring). ``quick`` runs fewer, smaller benchmarks
+    (float32 only, unless ``dtypes`` says otherwise)."""
+    import jax
+    cfg = model if isinstance(model, ModelConfig) else ModelConfig.load(model)
+    shapes = shapes or (QUICK if quick else FULL)
+    dtypes = dtypes or (("float32",) if quick else ("float32", "bfloat16"))
+    for d in dtypes:
+        if d not in DTYPES:
+            raise ConfigError(f"calibrate: unknown dtype {d!r}; use {' or '.join(DTYPES)}")
+    if not (isinstance(price_per_hour, (int, float)) and math.isfinite(price_per_hour) and price_per_hour >= 0):
+        raise ConfigError(f"calibrate: price_per_hour must be >= 0, got {price_per_hour!r}")
+    say = progress or (lambda _: None)
+    devices = jax.local_devices()
+    dev = devices[0]
+    platform = dev.platform
+    matmul = []
+    for d in dtypes:
+        for rows in shapes.matmul_rows:
+            say(f"matmul {d} {rows}x{shapes.matmul_k}")
+            matmul.append((d, rows, shapes.matmul_k, measure_matmul(dev, d, rows, shapes.matmul_k, shapes.repeats)))
+    say("memory read")
+    read = measure_read(dev, shapes.read_bytes, shapes.repeats)
+    say("program launch")
+    launch = measure_launch(dev, shapes.repeats)
+    layers = []
+    for d in dtypes:
+        for b, s in shapes.prefill:
+            say(f"layer prefill {d} batch {b} x {s}")
+            layers.append(measure_layer(cfg, dev, d, "prefill", b, s, shapes.repeats, shapes.stack, launch))
+        for b, ctx in shapes.decode:
+            say(f"layer decode {d} batch {b} context {ctx}")
+            layers.append(measure_layer(cfg, dev, d, "decode", b, ctx, shapes.repeats, shapes.stack, launch))
+    allreduce = []
+    if len(devices) > 1:
+        say(f"all-reduce over {len(devices)} devices")
+        allreduce = measure_allreduce(devices, shapes.allreduce_bytes, shapes.repeats)
+    say("host<->device copies")
+    h2d, d2h = measure_copies(dev, shapes.copy_bytes, shapes.repeats)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    source = f"hexjax calibrate{' --quick' if quick else ''}, {stamp}, jax {jax.__version__}, {dev.device_kind}"
+    default_name = "local-" + "".join(c if c.isalnum() else "-" for c in dev.device_kind).strip("-").lower()
+    return Calibration(name or default_name, platform, dev.device_kind, len(devices),
+                       _memory_bytes(dev, len(devices)), tuple(matmul), read, tuple(layers), tuple(allreduce),
+                       launch, h2d, d2h, cfg.name, float(price_per_hour), source)
+
+
+def measure_generation(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, dtype: str = "float32",
+                       repeats: int = 3, device=None) -> tuple[float, float]:
+    """``(prefill s, decode step s)`` of single-device generation (:mod:`hexjax.models.generate`'s jitted
+    programs, random weights): the fastest prefill of ``batch`` prompts of ``prompt_len`` tokens, and the
+    fastest decode loop of ``new_tokens`` tokens divided by its ``new_tokens - 1`` steps."""
+    import jax
+    import jax.numpy as jnp
+    from hexjax.models.generate import pad_prompts, programs
+    from hexjax.models.llama import LlamaStage, init_cache, init_params
+    from hexjax.models.sampling import Sampling
+    if new_tokens < 2:
+        raise ConfigError("measure_generation: new_tokens must be at least 2 (one decode step)")
+    dt = jnp.dtype(dtype)
+    device = device or jax.local_devices()[0]
+    params = jax.device_put(init_params(LlamaStage(cfg, dtype=dt, param_dtype=dt), 0), device)
+    prompts = np.random.default_rng(0).integers(1, cfg.vocab_size, (batch, prompt_len)).tolist()
+    toks, lengths = pad_prompts(prompts)
+    toks, lengths = jax.device_put((jnp.asarray(toks), jnp.asarray(lengths)), device)
+    prog = programs(cfg, Sampling(), dt, None)
+    best_p = best_d = math.inf
+    for k in range(repeats + 1):           # the first round compiles
+        cache = jax.device_put(init_cache(cfg, batch, toks.shape[1] + new_tokens, dtype=dt), device)
+        _block(cache)
+        t0 = time.perf_counter()
+        first, cache = prog.prefill(params, toks, lengths, cache)
+        _block(first)
+        t1 = time.perf_counter()
+        out, _, cache = prog.decode(params, first, lengths, cache, new_tokens)
+        _block(out)
+        t2 = time.perf_counter()
+        if k:
+            best_p, best_d = min(best_p, t1 - t0), min(best_d, (t2 - t1) / (new_tokens - 1))
+    return best_p, best_d
+
+
+def predict_generation(cfg: ModelConfig, device: DeviceSpec, batch: int, prompt_len: int, new_tokens: int,
+                       dtype_bytes: int = 4) -> tuple[float, float]:
+    """``(TTFT, TPOT)`` the cost model predicts for the same run on one ``device``."""
+    from hexjax.cluster import Cluster, Host
+    from hexjax.plan import Plan, Replica, Stage
+    from hexjax.search import cost
+    cluster = Cluster((Host("local", device, 1, "local", 0, device.intra_bandwidth_Bps, 0.0),))
+    plan = Plan(cfg.name, cluster.fingerprint(), (Replica((Stage((0, cfg.num_layers), (0,)),)),),
+                dtype_bytes=dtype_bytes)
+    pred = cost.predict(plan, cfg, cluster, Workload(prompt_len, new_tokens, batch))
+    return pred.ttft_s, pred.tpot_s
+
+
+def load_profile(path) -> dict[str, DeviceSpec]:
+    """The devices a profile (or cluster) file defines, by name, with clear errors for bad files."""
+    from hexjax.cluster import _Reader, _included_devices, _parse_devices
+    from pathlib import Path
+    p = Path(path)
+    r = _Reader(str(p))
+    raw = _included_devices(r, [p.name], str(p))
+    return _parse_devices(r, raw)
+
+
+__all__ = ["calibrate", "Calibration", "LayerRun", "Shapes", "FULL", "QUICK", "load_profile", "measure_generation",
+           "predict_generation"]

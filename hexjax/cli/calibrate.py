@@ -1,0 +1,85 @@
+"""``hexjax calibrate``: measure the local devices and write a device profile."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def calibrate_cmd(out: Path | None, quick: bool, model: str, dtypes: str | None, name: str | None,
+                  price: float, as_json: bool) -> None:
+    from hexjax.calibrate import DTYPES, calibrate
+    from hexjax.cluster import Cluster
+    from hexjax.errors import ConfigError
+
+    if out is not None and out.is_dir():
+        raise ConfigError(f"--out {out} is a directory. Fix: give a file path such as {out / 'profile.toml'}")
+    chosen = None
+    if dtypes is not None:
+        chosen = tuple(d.strip() for d in dtypes.split(",") if d.strip())
+        bad = [d for d in chosen if d not in DTYPES]
+        if not chosen or bad:
+            raise ConfigError(f"--dtypes {dtypes!r}: unknown dtype {', '.join(bad) or '(none given)'}. "
+                              f"Fix: a comma-separated list of {', '.join(DTYPES)}")
+    if price < 0:
+        raise ConfigError(f"--price {price}: a price per hour cannot be negative. Fix: give 0 or more")
+    say = (lambda m: None) if as_json else (lambda m: typer.echo(f"  measuring {m} ...", err=True))
+    cal = calibrate(quick, model=model, dtypes=chosen, name=name, price_per_hour=price, progress=say)
+    text = cal.to_toml()
+    Cluster.from_dict(__import__("tomllib").loads(text), source="<calibration>")   # what we write must load
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    spec = cal.device_spec()
+    bw, lat = cal.link()
+    if as_json:
+        typer.echo(json.dumps({
+            "name": cal.name, "device_kind": cal.device_kind, "num_devices": cal.num_devices,
+            "peak_flops": spec.peak_flops, "memory_bandwidth_Bps": spec.memory_bandwidth_Bps,
+            "link_bandwidth_Bps": bw, "link_latency_s": lat, "host_to_device_Bps": cal.h2d_Bps,
+            "device_to_host_Bps": cal.d2h_Bps,
+            "matmul": [{"dtype": d, "rows": r, "k": k, "flops_per_s": f} for d, r, k, f in cal.matmul],
+            "layers": [{"phase": r.phase, "batch": r.batch, "context": r.context, "dtype": r.dtype,
+                        "measured_s": r.seconds, "predicted_s": cal.predicted_layer_s(r, spec)} for r in cal.layers],
+            "flops_efficiency": {k: v for k, v in spec.profile.flops_efficiency},
+            "out": str(out) if out is not None else None}, indent=2))
+        return
+    from rich.table import Table
+
+    from hexjax.cli._console import table_console
+    con = table_console()
+    con.print(f"{cal.device_kind} x {cal.num_devices} ({cal.source})")
+    con.print(f"matmul peak {spec.peak_flops / 1e9:.4g} GFLOP/s; memory read {spec.memory_bandwidth_Bps / 1e9:.4g} GB/s; "
+              f"host->device {cal.h2d_Bps / 1e9:.3g} GB/s, device->host {cal.d2h_Bps / 1e9:.3g} GB/s"
+              + (f"; all-reduce link {bw / 1e9:.3g} GB/s, {lat * 1e6:.3g} us" if cal.allreduce else ""))
+    t = Table(title=f"decoder layer of {cal.model}: measured vs the calibrated cost model")
+    for col in ("phase", "dtype", "batch", "tokens / context", "measured ms", "model ms"):
+        t.add_column(col, justify="left" if col in ("phase", "dtype") else "right")
+    for r in cal.layers:
+        t.add_row(r.phase, r.dtype, str(r.batch), str(r.context), f"{r.seconds * 1e3:.3f}",
+                  f"{cal.predicted_layer_s(r, spec) * 1e3:.3f}")
+    con.print(t)
+    curves = "; ".join(f"{k}: " + ", ".join(f"{int(rows)} rows {e:.2f}" for rows, e in pts)
+                       for k, pts in spec.profile.flops_efficiency)
+    con.print(f"efficiency vs rows: {curves}")
+    if out is not None:
+        con.print(f"wrote {out}: a cluster file of this host; other cluster files use its device with "
+                  f"profiles = [\"{out.name}\"] and device = \"{cal.name}\"")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("calibrate")
+    def calibrate(
+        out: Path | None = typer.Option(None, "--out", help="Write the device profile (a cluster TOML) here."),
+        quick: bool = typer.Option(False, "--quick", metavar="", help="Fewer, smaller benchmarks (seconds)."),
+        model: str = typer.Option("llama-125m", "--model", help="Model whose decoder layer is timed."),
+        dtypes: str | None = typer.Option(None, "--dtypes", help="Comma-separated: float32,bfloat16 "
+                                                                 "(default: both; float32 with --quick)."),
+        name: str | None = typer.Option(None, "--name", help="Device name in the profile (default local-<kind>)."),
+        price: float = typer.Option(0.0, "--price", help="Price per device-hour written into the profile."),
+        as_json: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object."),
+    ) -> None:
+        """Measure the local devices (matmul, memory, one layer, all-reduce, copies) into a device profile."""
+        calibrate_cmd(out, quick, model, dtypes, name, price, as_json)

@@ -1,0 +1,149 @@
+"""Device profiles from ``hexjax calibrate``: file round trips and errors, the CLI, and (slow) the calibrated
+cost model against independent timings of the real single-device runtime."""
+
+import json
+import os
+import sys
+import tomllib
+
+import pytest
+
+from hexjax.calibrate import Calibration, LayerRun, calibrate, load_profile, measure_generation, predict_generation
+from hexjax.cluster import Cluster
+from hexjax.errors import ConfigError
+from hexjax.models.config import ModelConfig
+
+
+def synthetic() -> Calibration:
+    """A calibration with made-up measurements (nothing timed), for the file tests."""
+    layers = (LayerRun("prefill", 1, 64, 64, "float32", 2e-3, 4e8, 2e7),
+              LayerRun("prefill", 4, 128, 128, "float32", 12e-3, 3.2e9, 2.1e7),
+              LayerRun("decode", 1, 1, 128, "float32", 2.0e-3, 1e7, 2.5e7),    # read-bound: no point
+              LayerRun("decode", 8, 1, 128, "float32", 3e-3, 8e7, 2.6e7))
+    return Calibration("my-cpu", "cpu", "cpu", 4, 8 * 2**30, (("float32", 512, 1024, 5e11),), 1.2e10, layers,
+                       ((1 << 16, 1e-4), (1 << 22, 2e-3)), 3e-5, 2e9, 3e9, "llama-125m", 0.5, "synthetic")
+
+
+def test_profile_reproduces_its_layer_runs_and_round_trips(tmp_path):
+    cal = synthetic()
+    spec = cal.device_spec()
+    pts = dict(spec.profile.flops_efficiency)["float32"]
+    assert [r for r, _ in pts] == [8.0, 64.0, 512.0]          # the read-bound decode at 1 row gives no point
+    for run in cal.layers:
+        if run.bytes / cal.read_Bps < run.seconds:
+            assert cal.predicted_layer_s(run) == pytest.approx(run.seconds, rel=1e-9)
+    # ring fit: 2 (n-1)/n * bytes / bw + 2 (n-1) alpha reproduces both all-reduce runs
+    bw, alpha = cal.link()
+    for nbytes, t in cal.allreduce:
+        assert 2 * 3 / 4 * nbytes / bw + 2 * 3 * alpha == pytest.approx(t, rel=1e-9)
+    path = tmp_path / "my-cpu.toml"
+    path.write_text(cal.to_toml())
+    c = Cluster.load(path)                                    # a cluster file of this host on its own
+    assert c.hosts[0].device == spec and c.hosts[0].count == 4
+    assert Cluster.from_dict(tomllib.loads(c.to_toml())) == c
+    assert load_profile(path)["my-cpu"] == spec
+    # another cluster file takes the device from the profile
+    other = tmp_path / "sub" / "mine.toml"
+    other.parent.mkdir()
+    other.write_text('profiles = ["../my-cpu.toml"]\n[[host]]\nname = "a"\ndevice = "my-cpu"\ncount = 2\n'
+                     '[[host]]\nname = "b"\ndevice = "A6000"\ncount = 1\n')
+    mine = Cluster.load(other)
+    assert mine.hosts[0].device == spec and mine.hosts[1].device.profile is None
+
+
+BASE = {"host": [{"name": "h", "device": "c", "count": 1}],
+        "device": {"c": {"memory_GiB": 4, "tflops": 0.1, "memory_bandwidth_GBps": 10, "price_per_hour": 0,
+                         "kind": "cpu", "profile": {"flops_efficiency": {"float32": [[1, 0.1], [64, 0.8]]}}}}}
+
+
+@pytest.mark.parametrize("mutate, words", [
+    (lambda p: p.update(flops_efficiency={"float32": [[0, 0.5]]}), ["flops_efficiency.float32", "rows >= 1"]),
+    (lambda p: p.update(flops_efficiency={"float32": [[4, 9.0]]}), ["efficiency in (0, 4]"]),
+    (lambda p: p.update(flops_efficiency={"float32": "fast"}), ["flops_efficiency.float32"]),
+    (lambda p: p.pop("flops_efficiency"), ["profile.flops_efficiency", "dtype ="]),
+    (lambda p: p.update(memory_efficiency=-1), ["memory_efficiency", "positive"]),
+    (lambda p: p.update(step_overhead_us="1us"), ["step_overhead_us", "number"]),
+    (lambda p: p.update(speed=3), ["device.c.profile.speed", "unknown field"]),
+])
+def test_malformed_profiles_say_what_is_wrong(mutate, words):
+    d = json.loads(json.dumps(BASE))
+    mutate(d["device"]["c"]["profile"])
+    with pytest.raises(ConfigError) as e:
+        Cluster.from_dict(d, "c.toml")
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_missing_or_wrong_profile_files(tmp_path):
+    d = dict(BASE, profiles=["nope.toml"])
+    with pytest.raises(ConfigError, match=r"profiles\[0\].*no such profile file.*hexjax calibrate"):
+        Cluster.from_dict(d, str(tmp_path / "c.toml"))
+    (tmp_path / "empty.toml").write_text('name = "x"\n')
+    with pytest.raises(ConfigError, match=r"profiles\[0\].*no \[device.NAME\] table"):
+        Cluster.from_dict(dict(BASE, profiles=["empty.toml"]), str(tmp_path / "c.toml"))
+    with pytest.raises(ConfigError, match="array of file paths"):
+        Cluster.from_dict(dict(BASE, profiles="empty.toml"), str(tmp_path / "c.toml"))
+
+
+def test_cli_calibrate_quick_writes_a_profile_the_planner_uses(tmp_path, monkeypatch, capsys):
+    from hexjax.cli import main
+    from hexjax.search.planner import plan
+    from hexjax.workload import Workload
+    out = tmp_path / "cpu.toml"
+    monkeypatch.setattr(sys, "argv", ["hexjax", "calibrate", "--quick", "--out", str(out), "--json",
+                                      "--model", "small"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code in (0, None)
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_devices"] >= 1 and report["peak_flops"] > 0 and report["memory_bandwidth_Bps"] > 0
+    c = Cluster.load(out)
+    dev = c.hosts[0].device
+    assert dev.kind == "cpu" and dev.profile is not None and c.hosts[0].count == report["num_devices"]
+    if report["num_devices"] > 1:          # the all-reduce ran and set the host's link
+        assert c.hosts[0].intra_bandwidth_Bps == pytest.approx(report["link_bandwidth_Bps"])
+    p = plan("small", c, Workload(32, 8, 2), objective="throughput")
+    assert p.prediction["throughput_tokens_per_s"] > 0
+    # bad input: one error line, exit 2
+    monkeypatch.setattr(sys, "argv", ["hexjax", "calibrate", "--quick", "--dtypes", "fp8"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --dtypes 'fp8'")
+
+
+@pytest.mark.slow
+def test_calibrated_cpu_predicts_llama_125m_generation_within_20_percent():
+    # calibrate this CPU (decoder layers of llama-125m at a few shapes, the launch cost, streaming reads),
+    # then time the whole model through the single-device runtime's jitted prefill and decode loop at a
+    # shape the calibration did not run, and compare with the cost model's TTFT and TPOT. Calibration and
+    # measurement alternate over three rounds and each keeps its best figures, so both see the machine
+    # at its quietest moments rather than one of them a busy one.
+    import dataclasses
+    from hexjax.calibrate import QUICK
+    cfg = ModelConfig.preset("llama-125m")
+    batch, prompt, new = 1, 96, 24
+    cal, measured = None, (float("inf"), float("inf"))
+    for _ in range(3):
+        c = calibrate(quick=True, model=cfg, shapes=dataclasses.replace(QUICK, repeats=5))
+        cal = c if cal is None else cal.best_of(c)
+        m = measure_generation(cfg, batch, prompt, new, repeats=5)
+        measured = (min(measured[0], m[0]), min(measured[1], m[1]))
+    predicted = predict_generation(cfg, cal.device_spec(), batch, prompt, new)
+    ratios = [p / m for p, m in zip(predicted, measured)]
+    print(f"llama-125m b{batch} prompt {prompt}: prefill {measured[0] * 1e3:.1f} ms measured, "
+          f"{predicted[0] * 1e3:.1f} predicted; decode step {measured[1] * 1e3:.2f} measured, "
+          f"{predicted[1] * 1e3:.2f} predicted; load average {os.getloadavg()[0]:.1f}")
+    assert 0.8 <= ratios[0] <= 1.2, ratios
+    assert 0.8 <= ratios[1] <= 1.2, ratios
+
+
+def test_best_of_keeps_each_figure_at_its_best():
+    import dataclasses
+    a = synthetic()
+    slower = dataclasses.replace(a, read_Bps=a.read_Bps / 2, launch_s=a.launch_s * 3,
+                                 layers=tuple(dataclasses.replace(r, seconds=r.seconds * 2) for r in a.layers[:2])
+                                 + tuple(dataclasses.replace(r, seconds=r.seconds / 2) for r in a.layers[2:]),
+                                 matmul=(("float32", 512, 1024, 6e11),))
+    m = a.best_of(slower)
+    assert m.read_Bps == a.read_Bps and m.launch_s == a.launch_s and m.matmul == (("float32", 512, 1024, 6e11),)
+    assert [r.seconds for r in m.layers] == [r.seconds for r in a.layers[:2]] + [r.seconds / 2 for r in a.layers[2:]]

@@ -1,0 +1,267 @@
+"""The serving simulator: closed-form cases, the cost model's batch times, and a measured engine run."""
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+import hexjax
+from hexjax.cluster import Cluster
+from hexjax.errors import ConfigError
+from hexjax.plan import Plan
+from hexjax.search import cost
+from hexjax.search.simulate import (SLO, CostModelStepTimes, FixedStepTimes, MeasuredStepTimes, simulate,
+                                    simulate_plan)
+from hexjax.trace import Trace, TraceRequest, load_trace, replay
+from hexjax.workload import Workload
+
+ROOT = Path(__file__).resolve().parents[1]
+P, D = 1.0, 0.25          # fixed prefill and decode-step times of the closed-form cases
+
+
+def _trace(*reqs):
+    return Trace(tuple(TraceRequest(p, o, t) for p, o, t in reqs))
+
+
+def _one(res, i):
+    return res.records[i]
+
+
+# ---------------------------------------------------------------------------- closed forms
+
+def test_one_request_alone():
+    n = 7
+    res = simulate(_trace((10, n, 0.0)), 1, FixedStepTimes(P, D), max_batch=4)
+    r = _one(res, 0)
+    assert (r.ttft_s, r.tpot_s, r.latency_s) == (P, D, P + (n - 1) * D)
+    assert res.throughput_tokens_per_s == n / (P + (n - 1) * D)
+
+
+def test_late_arrival_joins_the_next_iteration():
+    # the second request arrives during the first's prefill; it joins at t = P, when its prefill
+    # shares an iteration with the first's first decode step: that iteration takes P + D
+    a = 0.4
+    res = simulate(_trace((10, 5, 0.0), (10, 3, a)), 1, FixedStepTimes(P, D), max_batch=4)
+    r0, r1 = res.records
+    assert r1.first_token_s == P + (P + D)
+    assert r1.ttft_s == pytest.approx(2 * P + D - a, abs=1e-12)
+    # the first request's second token waited for that shared iteration, then decodes alone
+    assert r0.finish_s == P + (P + D) + 3 * D
+    assert r1.finish_s == P + (P + D) + 2 * D
+
+
+def test_one_slot_serves_in_order():
+    n, N = 4, 5
+    res = simulate(_trace(*[(8, n, 0.0)] * N), 1, FixedStepTimes(P, D), max_batch=1)
+    each = P + (n - 1) * D
+    for k, r in enumerate(res.records):
+        assert r.first_token_s == pytest.approx(k * each + P, abs=1e-12)
+        assert r.finish_s == pytest.approx((k + 1) * each, abs=1e-12)
+    assert res.throughput_tokens_per_s == pytest.approx(n / each)
+    assert res.percentile("ttft", 50) == pytest.approx(2 * each + P)
+
+
+def test_chunked_prefill_takes_ceil_prompt_over_budget_iterations():
+    res = simulate(_trace((10, 3, 0.0)), 1, FixedStepTimes(P, D), max_batch=2, max_step_tokens=4)
+    r = _one(res, 0)
+    assert r.ttft_s == 3 * P                    # chunks of 4, 4 and 2 tokens
+    assert r.latency_s == 3 * P + 2 * D
+
+
+def test_kv_pages_serialise_requests():
+    # each request needs ceil((20 + 12) / 16) = 2 pages; 3 pages hold one at a time
+    res = simulate(_trace((20, 12, 0.0), (20, 12, 0.0)), 1, FixedStepTimes(P, D), max_batch=2, kv_pages=[3])
+    r0, r1 = res.records
+    assert r1.first_token_s == r0.finish_s + P
+    both = simulate(_trace((20, 12, 0.0), (20, 12, 0.0)), 1, FixedStepTimes(P, D), max_batch=2, kv_pages=[4])
+    assert both.records[1].first_token_s == P
+
+
+def test_too_large_request_is_rejected_and_misses_the_slo():
+    res = simulate(_trace((10, 4, 0.0), (100, 40, 0.5)), 1, FixedStepTimes(P, D), max_batch=2, kv_pages=[5],
+                   slo=SLO(latency_s=10.0))
+    assert res.rejected == 1 and res.records[1].replica == -1
+    assert res.attainment == 0.5
+
+
+def test_slo_attainment_counts_each_bound():
+    n = 5
+    res = simulate(_trace(*[(8, n, 0.0)] * 4), 1, FixedStepTimes(P, D), max_batch=1)
+    each = P + (n - 1) * D                      # request k finishes at (k + 1) * each
+    assert simulate(_trace(*[(8, n, 0.0)] * 4), 1, FixedStepTimes(P, D), max_batch=1,
+                    slo=SLO(latency_s=2 * each)).attainment == 0.5
+    assert math.isclose(res.records[3].ttft_s, 3 * each + P)
+    ttft = simulate(_trace(*[(8, n, 0.0)] * 4), 1, FixedStepTimes(P, D), max_batch=1, slo=SLO(ttft_s=P))
+    assert ttft.attainment == 0.25
+    assert simulate(_trace(*[(8, n, 0.0)] * 4), 1, FixedStepTimes(P, D), max_batch=1,
+                    slo=SLO(tpot_s=D)).attainment == 1.0
+
+
+def test_free_replicas_share_waiting_requests_and_routing_is_followed():
+    two = simulate(_trace((8, 3, 0.0), (8, 3, 0.0)), 2, FixedStepTimes(P, D), max_batch=4)
+    assert sorted(r.replica for r in two.records) == [0, 1]
+    assert all(r.ttft_s == P for r in two.records)
+    # per-replica step times: the slower replica's requests take longer
+    slow = simulate(_trace((8, 3, 0.0), (8, 3, 0.0)), 2, FixedStepTimes((P, 2 * P), (D, 2 * D)), max_batch=4)
+    assert sorted(r.latency_s for r in slow.records) == [P + 2 * D, 2 * P + 4 * D]
+    routed = simulate(_trace((8, 3, 0.0), (100, 3, 0.0), (8, 3, 0.0)), 2, FixedStepTimes(P, D), max_batch=1,
+                      route=lambda p, o: (1,) if p > 50 else (0,))
+    assert [r.replica for r in routed.records] == [0, 1, 0]
+    # the third may not use the free replica 1: it waits for the first to leave replica 0's one slot
+    assert routed.records[2].first_token_s == (P + 2 * D) + P
+
+
+def test_untimed_trace_needs_a_rate():
+    with pytest.raises(ConfigError, match="no arrival times"):
+        simulate(Trace((TraceRequest(4, 4),)), 1, FixedStepTimes(P, D), max_batch=1)
+    timed = Trace((TraceRequest(4, 4),)).with_rate(2.0, seed=1, num_requests=50)
+    gaps = [b.arrival_s - a.arrival_s for a, b in zip(timed.requests, timed.requests[1:])]
+    assert len(timed) == 50 and timed.requests[0].arrival_s == 0.0 and all(g >= 0 for g in gaps)
+    assert 0.3 < statistics.mean(gaps) < 0.8    # Poisson at 2/s: mean gap 0.5 s
+
+
+# ---------------------------------------------------------------------------- against the cost model
+
+def test_full_batches_match_the_cost_models_replica_throughput():
+    """B equal requests at a time through one replica: the event simulation, step by step at the growing
+    context, against cost.replica_times' closed form (TTFT + (n - 1) TPOT at the mean decode context)."""
+    cluster = Cluster.load(ROOT / "examples/clusters/hexgen-8gpu.toml")
+    cfg = hexjax.ModelConfig.preset("llama-2-7b")
+    B, s, n = 8, 512, 129
+    wl = Workload(s, n, B)
+    plan = hexjax.search.plan(cfg, cluster, wl, "latency")
+    rp = cost._predict_replica(plan.replicas[0], cfg, cluster, wl, plan.dtype_bytes, 1, B)
+    one = Plan(plan.model, plan.cluster_fingerprint, plan.replicas[:1], wl, "", plan.dtype_bytes)
+    trace = Trace(tuple(TraceRequest(s, n, 0.0) for _ in range(3 * B)))
+    res = simulate_plan(one, cfg, cluster, trace, max_batch=B, max_step_tokens=B * s + B)   # whole prompts
+    # three batches back to back, each as long as the closed form's end-to-end latency
+    assert res.makespan_s == pytest.approx(3 * rp.latency_s, rel=0.005)
+    assert res.throughput_tokens_per_s == pytest.approx(rp.throughput_tokens_per_s, rel=0.005)
+    assert res.records[0].ttft_s == pytest.approx(rp.ttft_s, rel=1e-9)
+
+
+def test_cost_model_step_times_grow_with_the_batch_and_context():
+    cluster = Cluster.load(ROOT / "examples/clusters/hexgen-8gpu.toml")
+    cfg = hexjax.ModelConfig.preset("llama-2-7b")
+    plan = hexjax.search.plan(cfg, cluster, Workload(256, 64, 4), "latency")
+    st = CostModelStepTimes(plan, cfg, cluster)
+    assert st.prefill_s(0, [512] * 8) > st.prefill_s(0, [512])
+    assert st.decode_s(0, [2048] * 16) > st.decode_s(0, [64] * 16) > 0
+    # streaming microbatches through HexGen's three stages: the cost model's better cut, never slower
+    hexgen = Plan.load(ROOT / "examples/plans/hexgen-8gpu-llama-2-70b.json")
+    c70 = hexjax.ModelConfig.preset("llama-2-70b")
+    one, piped = CostModelStepTimes(hexgen, c70, cluster), CostModelStepTimes(hexgen, c70, cluster, pipelined=True)
+    assert piped.prefill_s(0, [512] * 8) < one.prefill_s(0, [512] * 8)      # compute-bound: cuts pay off
+    assert piped.decode_s(0, [600] * 8) <= one.decode_s(0, [600] * 8)
+    whole = cost._predict_replica(hexgen.replicas[0], c70, cluster, Workload(512, 1, 8), 2, 1, 8).ttft_s
+    assert one.prefill_s(0, [512] * 8) == whole
+
+
+# ---------------------------------------------------------------------------- against the serving engine
+
+ONE_REPLICA = {"version": 1, "model": "tiny", "cluster_fingerprint": "", "objective": "hand-written",
+               "dtype_bytes": 4, "replicas": [{"stages": [{"layers": [0, 2], "devices": [0, 1], "dp": 1, "tp": 2},
+                                                          {"layers": [2, 4], "devices": [2], "dp": 1, "tp": 1}]}]}
+
+
+def _warm(engine, widths, sizes, rate):
+    """Compile every program the run uses before anything is timed: a prefill per width, then a short
+    replay of the same sizes (mixed steps compile further programs: decode and extend shapes)."""
+    from hexjax.serve import SamplingParams
+    for w in widths:
+        engine.add_request([3] * w, SamplingParams(max_tokens=3, ignore_eos=True))
+        while engine.has_work():
+            engine.step()
+    replay(engine, Trace(tuple(sizes)).with_rate(rate, seed=7, num_requests=24))
+
+
+def test_simulation_matches_a_measured_engine_run():
+    """The engine serving a Poisson trace (one replica of two stages on 3 virtual CPU devices, 4 slots,
+    offered more than it serves) against the simulator replaying the same arrivals with the engine's step
+    times measured in that run: throughput within 20% and the same number of iterations within 10%."""
+    from hexjax.serve import Engine
+    cfg = hexjax.ModelConfig.preset("tiny")
+    plan = Plan.from_dict(ONE_REPLICA)
+    B, widths = 4, [16, 32, 64]                 # the padded prefill widths prompts of up to 64 tokens take
+    engine = Engine(cfg, plan, max_batch=B, max_model_len=128)
+    sizes = [r for r in load_trace(ROOT / "examples/traces/small-mixed.jsonl").requests if r.prompt_len <= 64][:48]
+    # offered faster than the replica serves (a decode step takes 1-8 ms here), so a queue builds
+    rate = 1.5 * B / (statistics.mean(r.output_len for r in sizes) * 2e-3)
+    _warm(engine, widths, sizes, rate)
+    trace = Trace(sizes).with_rate(rate, seed=3)
+    run = replay(engine, trace)
+    measured = run.throughput_tokens_per_s(trace)
+    steps = MeasuredStepTimes.from_replay(run, widths)
+    sim = simulate(trace, 1, steps, max_batch=B, max_step_tokens=engine.max_step_tokens)
+    ratio = sim.throughput_tokens_per_s / measured
+    iterations = sum(sim.iterations)
+    ttft_engine = statistics.mean(f - r.arrival_s for f, r in zip(run.first_token_s, trace.requests))
+    ttft_sim = statistics.mean(r.ttft_s for r in sim.records)
+    print(f"engine {measured:.1f} tok/s in {len(run.steps)} steps, simulated {sim.throughput_tokens_per_s:.1f} "
+          f"tok/s in {iterations} iterations (ratio {ratio:.3f}); mean TTFT engine {ttft_engine * 1e3:.1f} ms, "
+          f"simulated {ttft_sim * 1e3:.1f} ms; decode step {steps.decode * 1e3:.2f} ms, prefill "
+          f"{ {w: round(v * 1e3, 2) for w, v in steps.prefill.items()} } ms")
+    assert 0.8 <= ratio <= 1.2
+    assert abs(iterations - len(run.steps)) <= 0.1 * len(run.steps)
+
+
+# ---------------------------------------------------------------------------- the command
+
+@pytest.fixture
+def hexjax_cli(capsys, monkeypatch):
+    """Run the ``hexjax`` entry point in-process: (exit code, stdout, stderr)."""
+    from hexjax.cli import main
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["hexjax", *map(str, args)])
+        monkeypatch.chdir(ROOT)
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+def test_simulate_command_json_and_png(tmp_path, hexjax_cli):
+    code, out, err = hexjax_cli("plan", "--cluster", "examples/clusters/hexgen-8gpu.toml", "--model", "llama-2-7b",
+                                "--prompt-len", "256", "--output-len", "64", "--batch", "4",
+                                "--out", tmp_path / "p.json", "--json")
+    assert code == 0, err
+    png = tmp_path / "curve.png"
+    code, out, err = hexjax_cli("simulate", "--plan", tmp_path / "p.json", "--cluster",
+                                "examples/clusters/hexgen-8gpu.toml", "--trace", "examples/traces/conversational.jsonl",
+                                "--rate", "2", "--requests", "100", "--slo-ms", "20000", "--png", png,
+                                "--rates", "1,4", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["requests"] == 100 and 0 <= d["attainment"] <= 1 and d["throughput_tokens_per_s"] > 0
+    assert [c["rate_per_s"] for c in d["curve"]] == [1.0, 4.0]
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    # the table form names the figures
+    code, out, err = hexjax_cli("simulate", "--plan", tmp_path / "p.json", "--cluster",
+                                "examples/clusters/hexgen-8gpu.toml", "--rate", "1", "--requests", "20")
+    assert code == 0, err
+    assert "SLO attainment" in out and "TTFT p50/p99" in out and "requests per replica: r0" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give the requests"),
+    (["--trace", "examples/traces/conversational.jsonl"], "no arrival times; give --rate"),
+    (["--rate", "-1"], "--rate must be a positive"),
+    (["--rate", "1", "--routing", "nearest"], "--routing 'nearest'"),
+    (["--rate", "1", "--png", "x.png", "--rates", "a,b"], "--rates 'a,b'"),
+    (["--trace", "examples/traces/missing.jsonl", "--rate", "1"], "no such trace file"),
+])
+def test_simulate_command_bad_input(tmp_path, hexjax_cli, args, message):
+    plan = tmp_path / "p.json"
+    hexjax.Plan.from_dict({"version": 1, "model": "llama-2-7b", "workload": {"prompt_len": 64, "output_len": 16},
+                           "replicas": [{"stages": [{"layers": [0, 32], "devices": [0, 1], "tp": 2}]}]}).save(plan)
+    code, out, err = hexjax_cli("simulate", "--plan", plan, "--cluster", "examples/clusters/hexgen-8gpu.toml", *args)
+    assert code == 2, out + err
+    assert err.startswith("error:") and message in err and "Traceback" not in err

@@ -3,44 +3,19 @@ every command prints the same notation and takes ``--json``."""
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from hexjax.cli import app, main
+from hexjax.cli import app
 from hexjax.models.config import PRESETS, ModelConfig
 from hexjax.plan import Plan, Replica, Stage, format_layers, format_mesh
+
+from clitools import refused
 
 ROOT = Path(__file__).resolve().parents[1]
 C8 = str(ROOT / "examples/clusters/hexgen-8gpu.toml")
 TINY = Plan("tiny", "", (Replica((Stage((0, 1), (5,)), Stage((1, 4), (0, 1, 2, 3), dp=2, tp=2))),))
-
-
-@pytest.fixture
-def hexjax(capsys, monkeypatch):
-    """Run the ``hexjax`` entry point (``main``, as the installed command does): (exit code, stdout, stderr)."""
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["hexjax", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
-
-
-def refused(result, *words):
-    """Exit 2 with one ``error:`` message holding every word, and no traceback."""
-    code, out, err = result
-    assert code == 2, (code, out, err)
-    assert err.startswith("error: ") and "Traceback" not in err + out, err
-    assert err.count("error:") == 1 and err.endswith("\n") and "\n" not in err.rstrip("\n"), err
-    for w in words:
-        assert w in err, (w, err)
-    return err
 
 
 def _plan_file(tmp_path, plan=TINY, name="plan.json"):

@@ -9,7 +9,7 @@ from hexjax.errors import ConfigError
 from hexjax.models.sampling import Sampling, filter_logits, request_key, request_keys, sample, step_key
 
 
-def _oracle_filter(logits, temperature, top_k, top_p):
+def _oracle_filter(logits, temperature, top_k, top_p, min_p=0.0):
     """Straightforward per-row numpy version: sort, cut, renormalise."""
     x = logits.astype(np.float64) / (temperature or 1.0)
     out = np.full_like(x, -np.inf)
@@ -34,18 +34,23 @@ def _oracle_filter(logits, temperature, top_k, top_p):
                 mass += p[i]
             cutoff = kept[chosen].min()
             keep &= row >= cutoff
+        if min_p:
+            kept = np.where(keep, row, -np.inf)
+            p = np.exp(kept - kept.max())
+            keep &= p >= min_p * p.max()
         out[r, keep] = row[keep]
     return out
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [
-    (1.0, 5, 1.0), (0.7, 0, 0.9), (1.3, 20, 0.5), (1.0, 0, 0.05), (2.0, 1, 1.0), (1.0, 3, 0.999)])
-def test_filter_matches_numpy_oracle(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [
+    (1.0, 5, 1.0, 0.0), (0.7, 0, 0.9, 0.0), (1.3, 20, 0.5, 0.0), (1.0, 0, 0.05, 0.0), (2.0, 1, 1.0, 0.0),
+    (1.0, 3, 0.999, 0.0), (1.0, 0, 1.0, 0.1), (0.5, 10, 0.95, 0.05), (2.0, 0, 1.0, 0.5)])
+def test_filter_matches_numpy_oracle(temperature, top_k, top_p, min_p):
     rng = np.random.default_rng(top_k)
     logits = rng.normal(size=(6, 50)).astype(np.float32) * 3
     logits[0, :4] = logits[0, 0]  # ties at the top
-    got = np.asarray(filter_logits(jnp.asarray(logits), Sampling(temperature, top_k, top_p)))
-    want = _oracle_filter(logits, temperature, top_k, top_p)
+    got = np.asarray(filter_logits(jnp.asarray(logits), Sampling(temperature, top_k, top_p, min_p=min_p)))
+    want = _oracle_filter(logits, temperature, top_k, top_p, min_p)
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
     np.testing.assert_allclose(got[~np.isinf(got)], want[~np.isinf(want)], rtol=1e-6)
 

@@ -137,6 +137,16 @@ def test_sampling_seed_ignores_batch_mates(engine, model):
     assert engine.generate([PROMPTS[2]], sp)[0].token_ids == alone
 
 
+def test_min_p_matches_single_device_and_one_means_greedy(engine, model, want):
+    sp = SamplingParams(max_tokens=10, temperature=1.5, top_k=40, min_p=0.3, seed=77)
+    got = engine.generate([PROMPTS[1]], sp)[0].token_ids
+    assert got == model.generate([PROMPTS[1]], 10, Sampling(temperature=1.5, top_k=40, min_p=0.3, seed=77))[0]
+    # min_p = 1 keeps only the most likely token: hot sampling becomes greedy (and is not greedy without it)
+    hot = dict(max_tokens=10, temperature=2.0, seed=3)
+    assert engine.generate([PROMPTS[3]], SamplingParams(**hot, min_p=1.0))[0].token_ids == want[3][:10]
+    assert engine.generate([PROMPTS[3]], SamplingParams(**hot))[0].token_ids != want[3][:10]
+
+
 def test_stop_tokens_and_eos(engine, want):
     w = want[0]
     stop = w[4]

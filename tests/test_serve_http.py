@@ -123,20 +123,30 @@ def test_malformed_json_and_chat_without_template(server, client):
         client.completions.create(model="other", prompt=[1, 2], max_tokens=2)
 
 
-def _load(client, want, num_requests: int, workers: int):
-    lengths = [5, 17, 9, 30, 3, 12, 21, 8, 14, 6]
+@pytest.fixture(scope="module")
+def pool(model):
+    """40 random prompts of 1-28 tokens and their single-device greedy continuations (32 tokens)."""
+    rng = np.random.default_rng(2024)
+    prompts = [rng.integers(0, model.cfg.vocab_size, rng.integers(1, 29)).tolist() for _ in range(40)]
+    return prompts, model.generate(prompts, 32)
+
+
+def _load(client, pool, num_requests: int, workers: int):
+    """``num_requests`` requests from ``workers`` threads, each a random prompt of the pool with a random
+    output length (1-32), a third of them streamed: every one completes with the single-device tokens."""
+    prompts, want = pool
 
     def one(k):
-        i = k % len(PROMPTS)
-        n = lengths[(k // len(PROMPTS) + i) % len(lengths)]
+        rng = np.random.default_rng(k)
+        i, n = int(rng.integers(len(prompts))), int(rng.integers(1, 33))
         if k % 3 == 0:
-            chunks = client.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=n, temperature=0,
+            chunks = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=n, temperature=0,
                                                stream=True, stream_options={"include_usage": True})
             chunks = list(chunks)
             toks = [t for c in chunks if c.choices for t in _ids(c.choices[0]) or []]
             assert chunks[-1].usage.completion_tokens == n
         else:
-            r = client.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=n, temperature=0)
+            r = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=n, temperature=0)
             toks = _ids(r.choices[0])
             assert r.usage.completion_tokens == n
         return k, toks == want[i][:n]
@@ -152,9 +162,10 @@ def _metric(server, name):
     return float(m.group(1)) if m else None
 
 
-def test_load_tiny_pool_preempts(server, client, want):
+def test_load_tiny_pool_preempts(server, client, pool):
+    """1,000 requests from 16 clients through pools too small for the load: preemptions, nothing lost."""
     before = _metric(server, "hexjax_num_preemptions_total")
-    _load(client, want, 100, 8)
+    _load(client, pool, 1000, 16)
     assert _metric(server, "hexjax_num_preemptions_total") > before
     text = httpx.get(server.url + "/metrics").text
     for name in ("hexjax_time_to_first_token_seconds_count", "hexjax_inter_token_latency_seconds_count",
@@ -166,11 +177,6 @@ def test_load_tiny_pool_preempts(server, client, want):
     eng = server.engine
     assert not eng.has_work() and eng.kv_usage() == 0
     assert max(eng.stats.step_tokens) <= 8   # the 20-token prompt went in chunks
-
-
-@pytest.mark.slow
-def test_load_1000(server, client, want):
-    _load(client, want, 1000, 16)
 
 
 def test_sse_wire_format(server):

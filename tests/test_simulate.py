@@ -3,7 +3,6 @@
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
@@ -211,21 +210,10 @@ def test_simulation_matches_a_measured_engine_run():
 # ---------------------------------------------------------------------------- the command
 
 @pytest.fixture
-def hexjax_cli(capsys, monkeypatch):
-    """Run the ``hexjax`` entry point in-process: (exit code, stdout, stderr)."""
-    from hexjax.cli import main
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["hexjax", *map(str, args)])
-        monkeypatch.chdir(ROOT)
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
+def hexjax_cli(hexjax, monkeypatch):
+    """The ``hexjax`` entry point, run from the repository root."""
+    monkeypatch.chdir(ROOT)
+    return hexjax
 
 
 def test_simulate_command_json_and_png(tmp_path, hexjax_cli):

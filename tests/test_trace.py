@@ -119,19 +119,13 @@ def test_bad_routing_table_is_refused(table, message):
     assert str(e.value).startswith("p.json: routing: ") and message in str(e.value)
 
 
-def test_explain_shows_the_routing_table(tmp_path, capsys, monkeypatch):
-    import sys
-
-    from hexjax.cli import main
+def test_explain_shows_the_routing_table(tmp_path, hexjax):
     Plan.from_dict({**PLAN2, "routing": {"version": 1, "buckets": [{"max_prompt_len": 8, "replicas": [0]},
                                                                     {"replicas": [1]}]}}).save(tmp_path / "p.json")
-    monkeypatch.setattr(sys, "argv", ["hexjax", "explain", str(tmp_path / "p.json"), "--cluster",
-                                      str(ROOT / "examples/clusters/hexgen-8gpu.toml"), "--prompt-len", "8",
-                                      "--output-len", "4"])
-    with pytest.raises(SystemExit) as e:
-        main()
-    assert e.value.code in (0, None)
-    assert "routing: prompt <= 8 -> r0; any other -> r1" in capsys.readouterr().out
+    code, out, err = hexjax("explain", tmp_path / "p.json", "--cluster", ROOT / "examples/clusters/hexgen-8gpu.toml",
+                            "--prompt-len", 8, "--output-len", 4)
+    assert code == 0, err
+    assert "routing: prompt <= 8 -> r0; any other -> r1" in out
 
 
 def test_size_routing_sends_long_prompts_to_the_replicas_with_room():
@@ -184,20 +178,8 @@ def test_engine_admits_requests_only_to_their_routed_replicas():
 
 # ---------------------------------------------------------------------------- hexjax plan --trace
 
-def test_plan_for_a_trace(tmp_path, capsys, monkeypatch):
-    import sys
-
-    from hexjax.cli import main
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["hexjax", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 0
-        return (code, *capsys.readouterr())
-
+def test_plan_for_a_trace(tmp_path, hexjax):
+    run = hexjax
     c8 = ROOT / "examples/clusters/hexgen-8gpu.toml"
     code, out, err = run("plan", "--cluster", c8, "--model", "llama-2-7b", "--trace", TRACES / "mixed.jsonl",
                          "--batch", "4", "--objective", "throughput", "--out", tmp_path / "p.json")

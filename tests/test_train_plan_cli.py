@@ -1,40 +1,17 @@
 """``hexjax plan --task train`` and ``hexjax explain`` of a training plan, through the entry point."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from hexjax.cli import main
 from hexjax.plan import Plan
+
+from clitools import refused
 
 ROOT = Path(__file__).resolve().parents[1]
 MIX = ROOT / "examples/clusters/hexiscale-mix.toml"
 HEX8 = ROOT / "examples/clusters/hexgen-8gpu.toml"
-
-
-@pytest.fixture
-def hexjax(capsys, monkeypatch):
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["hexjax", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
-
-
-def refused(result, *words):
-    code, out, err = result
-    assert code == 2, (code, out, err)
-    assert err.startswith("error: ") and "Traceback" not in err + out, err
-    assert err.count("error:") == 1 and "\n" not in err.rstrip("\n"), err
-    for w in words:
-        assert w in err, (w, err)
 
 
 def test_plan_train_json_then_explain(hexjax, tmp_path):

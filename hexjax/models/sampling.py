@@ -23,6 +23,8 @@ class Sampling:
     seed: int = 0
     """Seed of the random stream: token ``step`` of request ``r`` (the prompt's index in the call)
     is drawn with ``request_key(seed, r, step)``."""
+    min_p: float = 0.0
+    """Then drop tokens less likely than min_p times the most likely one; 0 turns it off."""
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -31,6 +33,8 @@ class Sampling:
             raise ConfigError(f"Sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"Sampling.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ConfigError(f"Sampling.min_p must be in [0, 1] (0 = off), got {self.min_p}")
 
     @property
     def greedy(self) -> bool:
@@ -65,7 +69,7 @@ def request_keys(seed: int | jax.Array, requests: jax.Array, step: int | jax.Arr
 def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
     """Temperature-scaled float32 logits [B,V] with tokens outside top-k / top-p set to -inf.
 
-    Order as Hugging Face: temperature, then top-k, then top-p over what top-k kept.
+    Order as Hugging Face: temperature, then top-k, then top-p over what top-k kept, then min-p.
     """
     x = logits.astype(jnp.float32) / jnp.float32(sampling.temperature if sampling.temperature > 0 else 1.0)
     neg = jnp.float32(-jnp.inf)
@@ -79,6 +83,8 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
         keep = before < sampling.top_p  # the most likely token is always kept
         cutoff = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
         x = jnp.where(x < cutoff, neg, x)
+    if sampling.min_p > 0:   # p_i < min_p * p_max  <=>  x_i < x_max + log(min_p)
+        x = jnp.where(x < jnp.max(x, axis=-1, keepdims=True) + jnp.log(jnp.float32(sampling.min_p)), neg, x)
     return x
 
 

@@ -53,6 +53,7 @@ class _Common(BaseModel):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1)
+    min_p: float = Field(0.0, ge=0, le=1)
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -166,7 +167,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, tokenizer=None,
             raise APIError(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                  top_k=max(0, req.top_k), seed=req.seed,
+                                  top_k=max(0, req.top_k), min_p=req.min_p, seed=req.seed,
                                   stop_token_ids=tuple(req.stop_token_ids or ()), stop=stop,
                                   ignore_eos=req.ignore_eos,
                                   min_tokens=req.min_tokens, presence_penalty=req.presence_penalty,

@@ -64,6 +64,8 @@ class SamplingParams:
     """0: greedy."""
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the most likely one (after top-k and top-p); 0: off."""
     seed: int | None = None
     """Seed of the request's random stream (token ``t`` uses ``request_key(seed, 0, t)``); None: a random one."""
     stop_token_ids: tuple[int, ...] = ()
@@ -97,6 +99,8 @@ class SamplingParams:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ConfigError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ConfigError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -166,7 +170,7 @@ class Request:
 
 # ----------------------------------------------------------------------------- sampling
 
-def _filter_row(x, temp, k, p):
+def _filter_row(x, temp, k, p, m):
     """``hexjax.models.sampling.filter_logits`` for one row with traced parameters (same float ops)."""
     v = x.shape[-1]
     neg = jnp.float32(-jnp.inf)
@@ -177,7 +181,8 @@ def _filter_row(x, temp, k, p):
     probs = jax.nn.softmax(sorted_x)
     before = jnp.cumsum(probs) - probs
     cutoff = jnp.min(jnp.where(before < p, sorted_x, jnp.inf))
-    return jnp.where((p < 1.0) & (x < cutoff), neg, x)
+    x = jnp.where((p < 1.0) & (x < cutoff), neg, x)
+    return jnp.where((m > 0) & (x < jnp.max(x) + jnp.log(m)), neg, x)
 
 
 @functools.partial(jax.jit, static_argnames=("top",))
@@ -191,7 +196,7 @@ def token_logprobs(logits, tokens, top: int):
 
 @functools.partial(jax.jit, static_argnames=("any_sampled",))
 def sample_rows(logits, seeds, steps, temps, top_ks, top_ps, any_sampled: bool, banned=None, counts=None,
-                presence=None, frequency=None):
+                presence=None, frequency=None, min_ps=None):
     """Next token [B] of each row, each with its own parameters; greedy rows take the argmax.
 
     ``banned`` [B, N] (token ids, -1 = none) are masked; ``counts`` [B, V] (times each token was
@@ -206,10 +211,12 @@ def sample_rows(logits, seeds, steps, temps, top_ks, top_ps, any_sampled: bool, 
     if not any_sampled:
         return greedy
 
-    def one(row, seed, step, t, k, p):
-        return jax.random.categorical(request_key(seed, 0, step), _filter_row(row, t, k, p)).astype(jnp.int32)
+    def one(row, seed, step, t, k, p, m):
+        return jax.random.categorical(request_key(seed, 0, step), _filter_row(row, t, k, p, m)).astype(jnp.int32)
 
-    drawn = jax.vmap(one)(logits, seeds, steps, temps, top_ks, top_ps)
+    if min_ps is None:
+        min_ps = jnp.zeros_like(top_ps)
+    drawn = jax.vmap(one)(logits, seeds, steps, temps, top_ks, top_ps, min_ps)
     return jnp.where(temps > 0, drawn, greedy)
 
 
@@ -422,10 +429,11 @@ def _sample(logits, rows: list[Request | None], reqs: list[Request], eos: int | 
     temps = np.zeros(b, np.float32)
     ks = np.zeros(b, np.int32)
     ps = np.ones(b, np.float32)
+    ms = np.zeros(b, np.float32)
     for r in reqs:
         i = at[r.id]
         seeds[i], steps[i] = r.seed, len(r.output)
-        temps[i], ks[i], ps[i] = r.params.temperature, r.params.top_k, r.params.top_p
+        temps[i], ks[i], ps[i], ms[i] = r.params.temperature, r.params.top_k, r.params.top_p, r.params.min_p
     sampled = any(r.params.temperature > 0 for r in reqs)
     extra = {}
     bans = {at[r.id]: list(r.params.stop_token_ids) + ([eos] if eos is not None and not r.params.ignore_eos else [])
@@ -447,6 +455,8 @@ def _sample(logits, rows: list[Request | None], reqs: list[Request], eos: int | 
                 counts[i] = np.bincount(r.output, minlength=logits.shape[-1])[:logits.shape[-1]]
             presence[i], frequency[i] = r.params.presence_penalty, r.params.frequency_penalty
         extra.update(counts=counts, presence=presence, frequency=frequency)
+    if ms.any():
+        extra["min_ps"] = ms
     toks = sample_rows(logits, seeds, steps, temps, ks, ps, any_sampled=sampled, **extra)
     top = max((r.params.logprobs for r in reqs if r.params.logprobs is not None), default=None)
     return toks, (token_logprobs(logits, toks, top) if top is not None else None)

@@ -25,7 +25,7 @@ import math
 from hexjax.errors import PlanError
 from hexjax.plan import Plan, Replica, Stage
 from hexjax.search import cost
-from hexjax.search.space import stage_shapes
+from hexjax.search.space import free_devices, place_replica, stage_shapes
 from hexjax.workload import Workload
 
 REPLICA_LIMIT = 3_000_000
@@ -150,17 +150,11 @@ def exhaustive_plan(cfg, cluster, workload: Workload, objective: str, slo_s: flo
         pool = [(pk, t) for pk, t in scored if ratio[id(pk)] >= top * (1 - TIE) or ratio[id(pk)] == top]
         pick = max(pool, key=lambda x: x[1][0])
 
-    free = {h: list(host.devices) for h, host in enumerate(cluster.hosts)}
+    free = free_devices(cluster)
     replicas = []
     for i in sorted(pick[0], key=lambda i: (preds[i].latency_s, i)):
         _, seq, meshes, counts = items[i][1]
-        stages, a = [], 0
-        for h, (dp, tp), l in zip(seq, meshes, counts):
-            devs = free[h][:dp * tp]
-            del free[h][:dp * tp]
-            stages.append(Stage((a, a + l), tuple(devs), dp, tp, cluster.hosts[h].name))
-            a += l
-        replicas.append(Replica(tuple(stages)))
+        replicas.append(place_replica(cluster, free, seq, counts, meshes))
     plan = Plan(cfg.name, cluster.fingerprint(), tuple(replicas), workload, objective, dtype_bytes)
     pred = cost.predict(plan, cfg, cluster, workload)
     d = pred.to_dict()

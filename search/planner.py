@@ -42,11 +42,11 @@ from typing import Callable
 
 from hexjax.errors import PlanError
 from hexjax.models.config import ModelConfig
-from hexjax.plan import Plan, Replica, Stage
+from hexjax.plan import Plan
 from hexjax.search import cost
 from hexjax.search.packing import pack, prune_dominated
 from hexjax.search.pipeline import PipelineChoice, PipelineSearch
-from hexjax.search.space import DEFAULT_MAX_STAGES, Symmetry, host_classes
+from hexjax.search.space import DEFAULT_MAX_STAGES, Symmetry, free_devices, host_classes, place_replica
 from hexjax.workload import Workload
 
 OBJECTIVES = ("latency", "throughput", "cost")
@@ -291,18 +291,12 @@ def choose(cands, sym, cfg, cluster, workload: Workload, objective: str, slo: fl
 
 def build_plan(cfg, cluster, workload: Workload, objective: str, chosen, dtype_bytes: int) -> Plan:
     """Concrete replicas: each stage takes the lowest free devices of its host."""
-    free = {h: list(host.devices) for h, host in enumerate(cluster.hosts)}
+    free = free_devices(cluster)
     replicas = []
     order = sorted(chosen, key=lambda t: (t[0].cycle_s, t[1]))
     for choice, hosts, copies in order:
         for _ in range(copies):
-            stages, a = [], 0
-            for h, (cls, u), l, (dp, tp) in zip(hosts, choice.pieces, choice.layer_counts, choice.meshes):
-                devs = free[h][:u]
-                del free[h][:u]
-                stages.append(Stage((a, a + l), tuple(devs), dp, tp, cluster.hosts[h].name))
-                a += l
-            replicas.append(Replica(tuple(stages)))
+            replicas.append(place_replica(cluster, free, hosts, choice.layer_counts, choice.meshes))
     return Plan(cfg.name, cluster.fingerprint(), tuple(replicas), workload, objective, dtype_bytes)
 
 

@@ -52,11 +52,11 @@ import numpy as np
 
 from hexjax.cluster import Cluster, _describe, _Reader
 from hexjax.errors import ConfigError, PlanError
-from hexjax.plan import Plan, Replica, Stage
+from hexjax.plan import Plan
 from hexjax.search import cost
 from hexjax.search.packing import assignments, prune_dominated
 from hexjax.search.planner import TIE, auto_max_stages, candidates, resolve_model
-from hexjax.search.space import DEFAULT_MAX_STAGES, host_classes
+from hexjax.search.space import DEFAULT_MAX_STAGES, free_devices, host_classes, place_replica
 from hexjax.workload import Workload
 
 DEFAULT_BATCHES = (1, 4, 16)
@@ -332,7 +332,7 @@ def _solve(cols, col_price, col_rate, cluster, buckets, rate_per_s) -> np.ndarra
 
 def _rental(cfg, offers, buckets, cols, col_price, col_rate, x, dtype_bytes, rate_per_s, slo_s) -> Rental:
     cluster = offers.cluster
-    free = {h: list(host.devices) for h, host in enumerate(cluster.hosts)}
+    free = free_devices(cluster)
     used = [0] * len(offers.offers)
     per_bucket: dict = defaultdict(list)
     rates = [0.0] * len(buckets)
@@ -341,14 +341,9 @@ def _rental(cfg, offers, buckets, cols, col_price, col_rate, x, dtype_bytes, rat
         bi, wl, c, hosts = cols[j]
         rates[bi] += x[j] * col_rate[j]
         for _ in range(x[j]):
-            stages, a = [], 0
-            for h, (cls, u), l, (dp, tp) in zip(hosts, c.pieces, c.layer_counts, c.meshes):
-                devs = free[h][:u]
-                del free[h][:u]
+            for h, (_, u) in zip(hosts, c.pieces):
                 used[offers.offer_of_host[h]] += u
-                stages.append(Stage((a, a + l), tuple(devs), dp, tp, cluster.hosts[h].name))
-                a += l
-            per_bucket[(bi, wl.batch)].append(Replica(tuple(stages)))
+            per_bucket[(bi, wl.batch)].append(place_replica(cluster, free, hosts, c.layer_counts, c.meshes))
     plans = []
     for (bi, batch), reps in sorted(per_bucket.items()):
         b = buckets[bi]

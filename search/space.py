@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 
-from hexjax.plan import valid_tp
+from hexjax.plan import Replica, Stage, valid_tp
 
 DEFAULT_MAX_STAGES = 4
 """Longest pipeline the searches consider (distinct hosts per replica)."""
@@ -134,3 +134,20 @@ def shapes(cfg, devices: int) -> list[tuple[int, int]]:
 def stage_shapes(cfg, count: int) -> list[tuple[int, int]]:
     """Every valid ``(dp, tp)`` mesh that fits a host of ``count`` devices."""
     return [s for u in range(1, count + 1) for s in shapes(cfg, u)]
+
+
+def free_devices(cluster) -> dict[int, list[int]]:
+    """Each host's device indices, for ``place_replica`` to take from."""
+    return {h: list(host.devices) for h, host in enumerate(cluster.hosts)}
+
+
+def place_replica(cluster, free: dict[int, list[int]], hosts, layer_counts, meshes) -> Replica:
+    """A pipeline whose stage ``i`` holds the next ``layer_counts[i]`` layers on the lowest free
+    ``dp x tp`` devices of host ``hosts[i]`` (taken out of ``free``)."""
+    stages, a = [], 0
+    for h, n, (dp, tp) in zip(hosts, layer_counts, meshes):
+        devs = free[h][:dp * tp]
+        del free[h][:dp * tp]
+        stages.append(Stage((a, a + n), tuple(devs), dp, tp, cluster.hosts[h].name))
+        a += n
+    return Replica(tuple(stages))

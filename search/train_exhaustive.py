@@ -26,7 +26,7 @@ import math
 from hexjax.errors import PlanError
 from hexjax.plan import Plan, Replica, Stage, TrainSpec
 from hexjax.search import train_cost
-from hexjax.search.space import stage_shapes
+from hexjax.search.space import free_devices, place_replica, stage_shapes
 from hexjax.workload import TrainWorkload
 
 REPLICA_LIMIT = 2_000_000
@@ -134,17 +134,11 @@ def exhaustive_train(cfg, cluster, wl: TrainWorkload, objective: str, budget: fl
     if best is None:
         return None
     _, M, chosen, items = best
-    free = {h: list(host.devices) for h, host in enumerate(cluster.hosts)}
+    free = free_devices(cluster)
     replicas, rows = [], []
     for i in sorted(chosen, key=lambda i: (items[i][1][0], i)):
         (_, _, b), (_, _, seq, meshes, counts) = items[i]
-        stages, a = [], 0
-        for h, (dp, tp), l in zip(seq, meshes, counts):
-            devs = free[h][:dp * tp]
-            del free[h][:dp * tp]
-            stages.append(Stage((a, a + l), tuple(devs), dp, tp, cluster.hosts[h].name))
-            a += l
-        replicas.append(Replica(tuple(stages)))
+        replicas.append(place_replica(cluster, free, seq, counts, meshes))
         rows.append(M * b)
     plan = Plan(cfg.name, cluster.fingerprint(), tuple(replicas), None, f"train {objective}", wl.dtype_bytes,
                 training=TrainSpec(wl, M, tuple(rows)))

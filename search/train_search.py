@@ -57,12 +57,12 @@ import numpy as np
 
 from hexjax.errors import PlanError
 from hexjax.models.config import ModelConfig, format_bytes
-from hexjax.plan import Plan, Replica, Stage, TrainSpec
+from hexjax.plan import Plan, TrainSpec
 from hexjax.search import cost, train_cost
 from hexjax.search.packing import assignments, prune_dominated
 from hexjax.search.pipeline import PipelineChoice, PipelineSearch, Position
 from hexjax.search.planner import count_footprints, footprints, resolve_model
-from hexjax.search.space import DEFAULT_MAX_STAGES, Symmetry, host_classes, shapes
+from hexjax.search.space import DEFAULT_MAX_STAGES, Symmetry, free_devices, host_classes, place_replica, shapes
 from hexjax.workload import TrainWorkload, Workload
 
 OBJECTIVES = ("throughput", "cost")
@@ -515,20 +515,13 @@ def _programs(cols, cluster, n, B, link, budget, objective, hopeless=lambda t: F
 
 def build_plan(cfg, cluster, wl: TrainWorkload, objective: str, chosen) -> Plan:
     """Concrete replicas from ``[(TrainChoice, hosts per stage, copies)]``: lowest free devices per host."""
-    free = {h: list(host.devices) for h, host in enumerate(cluster.hosts)}
+    free = free_devices(cluster)
     replicas, rows = [], []
     M = None
     for choice, hosts, copies in sorted(chosen, key=lambda t: (t[0].step_s, t[1])):
         M = choice.microbatches
         for _ in range(copies):
-            stages, a = [], 0
-            for h, (_, u), l, (dp, tp) in zip(hosts, choice.pipe.pieces, choice.pipe.layer_counts,
-                                              choice.pipe.meshes):
-                devs = free[h][:u]
-                del free[h][:u]
-                stages.append(Stage((a, a + l), tuple(devs), dp, tp, cluster.hosts[h].name))
-                a += l
-            replicas.append(Replica(tuple(stages)))
+            replicas.append(place_replica(cluster, free, hosts, choice.pipe.layer_counts, choice.pipe.meshes))
             rows.append(choice.microbatches * choice.microbatch)
     return Plan(cfg.name, cluster.fingerprint(), tuple(replicas), None, f"train {objective}", wl.dtype_bytes,
                 training=TrainSpec(wl, M, tuple(rows)))

@@ -147,31 +147,31 @@ def test_size_routing_sends_long_prompts_to_the_replicas_with_room():
 
 # ---------------------------------------------------------------------------- the engine follows the table
 
+def _serve(engine, prompts):
+    """Serve ``prompts`` to the end: ({request id: replicas that held it}, request ids)."""
+    from hexjax.serve import SamplingParams
+    ids = [engine.add_request(p, SamplingParams(max_tokens=4, ignore_eos=True)) for p in prompts]
+    seen = {}
+    while engine.has_work():
+        engine.step()
+        for rep in engine.replicas:
+            for r in rep.slots:
+                if r is not None:
+                    seen.setdefault(r.id, set()).add(rep.index)
+    return seen, ids
+
+
 def test_engine_admits_requests_only_to_their_routed_replicas():
-    from hexjax.serve import Engine, SamplingParams
+    from hexjax.serve import Engine
     cfg = hexjax.ModelConfig.preset("tiny")
     table = {"version": 1, "buckets": [{"max_prompt_len": 8, "replicas": [1]}, {"replicas": [0]}]}
     engine = Engine(cfg, Plan.from_dict({**PLAN2, "routing": table}), max_batch=2, max_model_len=64)
     prompts = [[1, 2, 3], [4] * 12, [5, 6], [7] * 9, [8]]
-    ids = [engine.add_request(p, SamplingParams(max_tokens=4, ignore_eos=True)) for p in prompts]
-    seen = {}
-    while engine.has_work():
-        engine.step()
-        for rep in engine.replicas:
-            for r in rep.slots:
-                if r is not None:
-                    seen.setdefault(r.id, set()).add(rep.index)
+    seen, ids = _serve(engine, prompts)
     assert [seen[i] for i in ids] == [{1}, {0}, {1}, {0}, {1}]
     # without the table the same requests spread by free slots
     engine.plan = Plan.from_dict(PLAN2)
-    ids = [engine.add_request(p, SamplingParams(max_tokens=4, ignore_eos=True)) for p in prompts]
-    seen = {}
-    while engine.has_work():
-        engine.step()
-        for rep in engine.replicas:
-            for r in rep.slots:
-                if r is not None:
-                    seen.setdefault(r.id, set()).add(rep.index)
+    seen, ids = _serve(engine, prompts)
     assert {0} in [seen[i] for i in ids] and {1} in [seen[i] for i in ids]
     assert [seen[i] for i in ids] != [{1}, {0}, {1}, {0}, {1}]
 

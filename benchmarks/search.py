@@ -215,25 +215,26 @@ def train_search_times(models, clusters, twl, limit_s: int) -> None:
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"## 5. training search time (seq_len {twl.seq_len}, global batch {twl.global_batch}, microbatches "
           f"{'/'.join(map(str, twl.microbatches))}, remat {twl.remat}, {twl.dtype}; {os.cpu_count()} CPU cores, load "
-          f"average {busy:.1f}; runs stopped after {limit_s} s)")
-    print(f"{'model':<12} {'cluster':<14} {'GPUs':>4} {'wall s':>8} {'stages<=':>8} {'cands':>6} {'replicas':>8} "
-          f"{'stages':>10} {'rows':>14} {'M':>3} {'tok/s':>9} {'step s':>8}")
+          f"average {busy:.1f}; runs stopped after {limit_s} s; CPU s is this process's own time, stages<= the "
+          "automatic max_stages)")
+    print(f"{'model':<12} {'cluster':<14} {'GPUs':>4} {'wall s':>8} {'CPU s':>7} {'stages<=':>8} {'cands':>6} "
+          f"{'replicas':>8} {'stages':>10} {'rows':>14} {'M':>3} {'tok/s':>9} {'step s':>8}")
     for m in models:
         cfg = ModelConfig.preset(m)
         for name in clusters:
             c = load(name)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 p = _within(limit_s, lambda: plan_train(cfg, c, twl))
             except PlanError as e:
                 print(f"{m:<12} {name:<14} {c.num_devices:>4} {time.perf_counter() - t0:>8.2f}  no plan: {str(e)[:90]}")
                 continue
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if p is None:
                 print(f"{m:<12} {name:<14} {c.num_devices:>4} {'>' + str(limit_s):>8}  (stopped: not finished)")
                 continue
             s, pr = p.prediction["search"], p.prediction
-            print(f"{m:<12} {name:<14} {c.num_devices:>4} {dt:>8.2f} {s['max_stages']:>8} {s['candidates']:>6} "
+            print(f"{m:<12} {name:<14} {c.num_devices:>4} {dt:>8.2f} {dc:>7.2f} {s['max_stages']:>8} {s['candidates']:>6} "
                   f"{len(p.replicas):>8} {str([len(r.stages) for r in p.replicas]):>10} "
                   f"{str(list(p.replica_rows)):>14} {p.microbatches:>3} {pr['tokens_per_s']:>9.0f} "
                   f"{pr['step_s']:>8.2f}")

@@ -25,7 +25,7 @@ import math
 from hexjax.errors import PlanError
 from hexjax.plan import Plan, Replica, Stage
 from hexjax.search import cost
-from hexjax.search.space import free_devices, place_replica, stage_shapes
+from hexjax.search.space import SLO_TOLERANCE, free_devices, place_replica, stage_shapes
 from hexjax.workload import Workload
 
 REPLICA_LIMIT = 3_000_000
@@ -116,7 +116,7 @@ def exhaustive_plan(cfg, cluster, workload: Workload, objective: str, slo_s: flo
     items = sorted(table.items())
     if slo_s is not None:
         fast = min(p.latency_s for _, (p, *_r) in items)
-        items = [it for it in items if it[1][0].latency_s <= slo_s]
+        items = [it for it in items if it[1][0].latency_s <= slo_s * SLO_TOLERANCE]
         if not items:
             raise PlanError(f"no plan meets the latency SLO of {slo_s * 1e3:.1f} ms: the best end-to-end latency "
                             f"found is {fast * 1e3:.1f} ms (short by {(fast - slo_s) * 1e3:.1f} ms)")

@@ -79,7 +79,9 @@ def prune_dominated(cands: list[PipelineChoice], sym: Symmetry) -> list[Pipeline
 def pack(cands: list[PipelineChoice], sym: Symmetry, cluster, value: list[float], *,
          maximise: bool = True, cover: tuple[list[float], float] | None = None):
     """Copies per (candidate, assignment): ``[(candidate index, host per stage, copies)]`` and the objective."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.optimize import Bounds, LinearConstraint
+
+    from hexjax.search.milp import milp
 
     cols, col_val, col_rate = [], [], []
     H = cluster.num_hosts

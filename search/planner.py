@@ -46,7 +46,8 @@ from hexjax.plan import Plan
 from hexjax.search import cost
 from hexjax.search.packing import pack, prune_dominated
 from hexjax.search.pipeline import PipelineChoice, PipelineSearch
-from hexjax.search.space import DEFAULT_MAX_STAGES, Symmetry, free_devices, host_classes, place_replica
+from hexjax.search.space import (DEFAULT_MAX_STAGES, SLO_TOLERANCE, Symmetry, free_devices, host_classes,
+                                 place_replica)
 from hexjax.workload import Workload
 
 OBJECTIVES = ("latency", "throughput", "cost")
@@ -81,15 +82,25 @@ def evaluate(plan: Plan, model, cluster, workload: Workload | None = None) -> co
     return cost.predict(plan, cfg, cluster, workload)
 
 
-def footprints(sym: Symmetry, max_stages: int, usable: list[float], need_bytes: float):
-    """Every footprint of at most ``max_stages`` pieces whose usable memory reaches ``need_bytes``."""
+def footprints(sym: Symmetry, max_stages: int, usable: list[float], need_bytes: float,
+               room: dict | None = None, layers: int = 0):
+    """Every footprint of at most ``max_stages`` pieces whose usable memory reaches ``need_bytes``.
+
+    With ``room`` (``{(class, devices): most layers a stage on that piece can hold}``), also only those
+    whose pieces can hold ``layers`` between them, each at least one; branches that cannot reach it with
+    the pieces left are not explored.
+    """
     pieces = [(k.index, u) for k in sym.classes for u in range(1, k.count + 1)]
+    if room is not None:
+        pieces = [p for p in pieces if room[p] >= 1]
+    hold = [room[p] for p in pieces] if room is not None else [0] * len(pieces)
+    best_after = [max(hold[i:], default=0) for i in range(len(pieces))] + [0]
     out = []
 
-    def rec(start: int, chosen: list, per_class: dict, mem: float):
-        if chosen and mem >= need_bytes:
+    def rec(start: int, chosen: list, per_class: dict, mem: float, held: int):
+        if chosen and mem >= need_bytes and held >= layers:
             out.append(tuple(chosen))
-        if len(chosen) == max_stages:
+        if len(chosen) == max_stages or held + (max_stages - len(chosen)) * best_after[start] < layers:
             return
         for i in range(start, len(pieces)):
             cls, u = pieces[i]
@@ -97,11 +108,11 @@ def footprints(sym: Symmetry, max_stages: int, usable: list[float], need_bytes: 
                 continue
             per_class[cls] += 1
             chosen.append(pieces[i])
-            rec(i, chosen, per_class, mem + u * usable[cls])
+            rec(i, chosen, per_class, mem + u * usable[cls], held + hold[i])
             chosen.pop()
             per_class[cls] -= 1
 
-    rec(0, [], defaultdict(int), 0.0)
+    rec(0, [], defaultdict(int), 0.0, 0)
     return out
 
 
@@ -254,7 +265,7 @@ def choose(cands, sym, cfg, cluster, workload: Workload, objective: str, slo: fl
     """The packing for ``objective``: ``[(candidate, hosts per stage, copies)]``."""
     best_latency = min(c.cycle_s for c in cands)
     if slo is not None:
-        cands = [c for c in cands if c.cycle_s <= slo]
+        cands = [c for c in cands if c.cycle_s <= slo * SLO_TOLERANCE]   # rounding of equal sums
         if not cands:
             raise PlanError(f"no plan meets the latency SLO of {slo * 1e3:.1f} ms: the best end-to-end latency "
                             f"found is {best_latency * 1e3:.1f} ms (short by {(best_latency - slo) * 1e3:.1f} ms) "

@@ -302,7 +302,10 @@ def rent(model, offers: Offers, buckets, rate_per_s: float, slo_s: float | None 
 
 
 def _solve(cols, col_price, col_rate, cluster, buckets, rate_per_s) -> np.ndarray:
-    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.optimize import Bounds, LinearConstraint
+
+    from hexjax.search.milp import milp
+
     n, H = len(cols), cluster.num_hosts
     A = np.zeros((H, n))
     C = np.zeros((len(buckets), n))

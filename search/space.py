@@ -33,6 +33,9 @@ from hexjax.plan import Replica, Stage, valid_tp
 
 DEFAULT_MAX_STAGES = 4
 """Longest pipeline the searches consider (distinct hosts per replica)."""
+SLO_TOLERANCE = 1 + 1e-9
+"""A latency within this factor of the SLO meets it: the same pipeline's latency summed in another order
+(the search's tables, the cost model's prediction) can differ in the last bit."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Exhaustive oracle for training plans: every plan of ``S_train(max_stages)``, enumerated directly.
 
 It shares nothing with :mod:`hexjax.search.train_search` but the cost model
-(:func:`hexjax.search.train_cost.predict_replica`, ``sync_s``, ``slowest_link``)
+(:func:`hexjax.search.train_cost.predict_replica`, ``unit_hosts``, ``sync_s``)
 and the space's definition:
 
 1. every replica: each sequence of 1..``max_stages`` distinct hosts, each
@@ -9,11 +9,15 @@ and the space's definition:
    of the layers into positive parts; for every microbatch count ``M`` and
    every microbatch of ``b`` sequences (a multiple of every stage's ``dp``,
    ``M b`` at most the batch) its 1F1B time, kept when every device fits;
-2. replicas with the same devices per host, ``M`` and ``b`` are
-   interchangeable, so only the fastest of each such group is kept;
+2. replicas with the same devices per host, ``M``, ``b`` and host of every
+   synchronised unit are interchangeable (the gradient sync sees only where
+   each unit lives), so only the fastest of each such group is kept;
 3. every plan: each multiset of those replicas with one ``M`` whose shares sum
    to the global batch and that fits every host's device count, scored as
-   the objective defines it.
+   the objective defines it. Multisets are grown from the fastest replicas
+   up and a branch stops once its slowest replica alone (times its price so
+   far, for ``cost``) reaches the best value: adding replicas never lowers the
+   step (sync only grows) nor the price.
 
 Use it on clusters of a few devices and models of a few layers.
 """
@@ -61,7 +65,8 @@ def count_evaluations(cfg, cluster, wl: TrainWorkload, max_stages: int) -> int:
 
 
 def best_replicas(cfg, cluster, wl: TrainWorkload, max_stages: int, progress=None) -> dict:
-    """``{(usage per host, M, b): (time, price, hosts, meshes, layer counts)}``: the fastest fitting replica."""
+    """``{(usage per host, M, b, unit hosts): (time, price, hosts, meshes, layer counts)}``: the fastest fitting
+    replica."""
     total = count_evaluations(cfg, cluster, wl, max_stages)
     if total > REPLICA_LIMIT:
         raise PlanError(f"the exhaustive training search would evaluate {total:,} replicas (limit "
@@ -90,7 +95,7 @@ def best_replicas(cfg, cluster, wl: TrainWorkload, max_stages: int, progress=Non
                 pred = train_cost.predict_replica(rep, cfg, cluster, wl, M * b, M)
                 if not pred.fits:
                     continue
-                key = (usage, M, b)
+                key = (usage, M, b, train_cost.unit_hosts(counts, seq))
                 old = best.get(key)
                 if old is None or pred.pipeline_s < old[0]:
                     best[key] = (pred.pipeline_s, pred.price_per_hour, seq, meshes, counts)
@@ -106,17 +111,14 @@ def exhaustive_train(cfg, cluster, wl: TrainWorkload, objective: str, budget: fl
     best = None
     plans = 0
     for M in wl.microbatches:
-        items = sorted((k, v) for k, v in table.items() if k[1] == M)
+        items = sorted(((k, v) for k, v in table.items() if k[1] == M), key=lambda kv: (kv[1][0], kv[0]))
 
-        def rec(start, rows_left, left, chosen):
+        def rec(start, rows_left, left, chosen, slowest, price):
             nonlocal best, plans
             if rows_left == 0:
                 plans += 1
-                n = len(chosen)
-                hosts = {h for i in chosen for h, u in enumerate(items[i][0][0]) if u}
-                sync = train_cost.sync_s(cfg, wl, n, *train_cost.slowest_link(cluster, hosts)) if n > 1 else 0.0
-                step = max(items[i][1][0] for i in chosen) + sync
-                price = sum(items[i][1][1] for i in chosen)
+                sync = train_cost.sync_s(cfg, wl, cluster, [items[i][0][3] for i in chosen])
+                step = slowest + sync
                 if budget is not None and price > budget * (1 + 1e-9):   # sums of cents, rounded
                     return
                 value = step if objective == "throughput" else price * step
@@ -124,20 +126,28 @@ def exhaustive_train(cfg, cluster, wl: TrainWorkload, objective: str, budget: fl
                     best = (value, M, tuple(chosen), items)
                 return
             for i in range(start, len(items)):
-                (usage, _, b), _v = items[i]
+                (usage, _, b, _), (t, p, *_) = items[i]
+                if best is not None:
+                    if objective == "throughput" and t >= best[0]:
+                        break                   # items are sorted by time: the rest are slower still
+                    if objective == "cost" and (price + p) * max(slowest, t) >= best[0]:
+                        continue
+                if budget is not None and price + p > budget * (1 + 1e-9):
+                    continue
                 if M * b <= rows_left and all(u <= c for u, c in zip(usage, left)):
                     chosen.append(i)
-                    rec(i, rows_left - M * b, tuple(c - u for u, c in zip(usage, left)), chosen)
+                    rec(i, rows_left - M * b, tuple(c - u for u, c in zip(usage, left)), chosen,
+                        max(slowest, t), price + p)
                     chosen.pop()
 
-        rec(0, B, caps, [])
+        rec(0, B, caps, [], 0.0, 0.0)
     if best is None:
         return None
     _, M, chosen, items = best
     free = free_devices(cluster)
     replicas, rows = [], []
     for i in sorted(chosen, key=lambda i: (items[i][1][0], i)):
-        (_, _, b), (_, _, seq, meshes, counts) = items[i]
+        (_, _, b, _), (_, _, seq, meshes, counts) = items[i]
         replicas.append(place_replica(cluster, free, seq, counts, meshes))
         rows.append(M * b)
     plan = Plan(cfg.name, cluster.fingerprint(), tuple(replicas), None, f"train {objective}", wl.dtype_bytes,

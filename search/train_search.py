@@ -1,5 +1,5 @@
-"""Exact search for training plans: pipelines by DP and branch and bound, replicas and batch shares by an
-integer program.
+"""Search for training plans: pipelines by DP and branch and bound, replicas, batch shares and the gradient
+sync of every layer's group by an integer program.
 
 The plan space ``S_train(max_stages)``: replicas as for serving
 (:mod:`hexjax.search.space`: pipelines of 1..``max_stages`` stages on distinct
@@ -8,40 +8,73 @@ microbatch count ``M`` (from the workload's options) for every replica, and
 replica ``r`` taking ``R_r = M b_r`` sequences per step, ``b_r`` a multiple of
 every ``dp`` of the replica, ``Σ R_r`` the global batch; every device fits.
 Values come from :mod:`hexjax.search.train_cost`:
-``step = max_r T_r(b_r) + sync(n, slowest link of the used hosts)``.
+``step = max_r T_r(b_r) + Σ_units sync(n, slowest link among the unit's holders)``.
 
 1. Pipelines. For every footprint (multiset of ``(host class, devices)``
-   pieces whose memory can hold the training state), every ``M`` and every
-   ``b``: the order of the pieces, each stage's shape and the layer split
-   minimising ``T = Σ f + (M - 1) max f`` (the serving search's machinery
-   with the prefill as ``f``: an additive DP for ``M = 1``, for ``M > 1``
-   bounds from DPs and an exact branch and bound). Candidates with a smaller
-   footprint and no larger ``T`` at the same ``(M, b)`` make larger ones
-   redundant and are dropped.
-2. Plans. For every ``M``, every replica count ``n`` and every bound on the
-   link the synchronisation crosses (a pair of bandwidth and latency met by
-   the cluster), an integer program over copies of each candidate on concrete
-   hosts: exactly ``n`` copies, shares summing to the batch, devices of each
-   host, hosts joined by a slower link never used together (``n > 1``);
-   minimise the slowest replica's ``T`` (``throughput``; with
-   ``budget_per_hour`` also price <= budget), or enumerate the frontier of
-   (``T``, price) points (``cost``). The plan's value is computed from the
-   hosts it really uses. Every plan of the space is feasible in the program
-   of its own ``(M, n, link)``, where its value is at most what the program
-   charges, so the least value over all programs is the optimum. Programs
+   pieces whose memory can hold the training state and whose pieces can
+   hold every layer between them), every ``M`` and every ``b``: the order of
+   the pieces, each stage's shape and the layer split minimising
+   ``T = Σ f + (M - 1) max f`` (the serving search's machinery with the
+   prefill as ``f``: an additive DP for ``M = 1``, for ``M > 1`` bounds from
+   DPs and an exact branch and bound). Only what could be in a plan better
+   than the best one found so far (value ``U``) is computed: a replica is
+   at most ``U`` alone (``M b = B``) and ``U`` less the least sync of two
+   replicas beside others (for ``cost``, ``U`` over its price). ``U`` comes
+   from one-replica plans as they appear (``M = B`` first) and from the
+   integer programs over the shorter pipelines, searched first. A bound
+   computed for all footprints at once (each piece's least work per layer
+   and most layers, for each role and stash in the pipeline, the least hop
+   time along any order, then the least ``Σ f`` and ``max f`` of any split)
+   skips ``(M, b)`` it cannot beat, and, being monotone in ``b``, ends the
+   shares of a footprint at the first ``b`` whose bound reaches the limit.
+   Candidates with a smaller footprint and no larger ``T`` at the same
+   ``(M, b)`` make larger ones redundant and are dropped.
+2. Plans. For every ``M`` and every replica count ``n``, an integer program
+   over copies of each candidate on concrete hosts: exactly ``n`` copies,
+   shares summing to the batch, devices of each host. For ``n > 1`` it also
+   prices the gradient sync exactly: per unit (layer, embedding, head; units
+   that every column keeps on the same host share one variable) a binary per
+   host "some copy keeps the unit here" and, on hosts with room for two
+   copies, "two or more do"; the unit's sync time is at least each present
+   pair's link cost and each doubly-held host's own link cost, and the
+   objective is the slowest replica's ``T`` plus the units' sync times
+   (``throughput``; with ``budget_per_hour`` also price <= budget), or the
+   frontier of (step, price) points is enumerated (``cost``). Every plan of
+   the space is feasible in its own ``(M, n)`` program, which values it
+   exactly, so the least value over all programs is the optimum. Programs
    whose lower bound (least ``T`` of a replica that takes at least
-   ``B / (M n)`` sequences, plus the sync at that link) cannot beat the best
-   so far are skipped, ``n`` stops where ``n`` copies of the training state
-   exceed the cluster's memory, and a program leaves out the columns that
-   could not improve on the best value (a replica slower than it, or one
-   taking more sequences than the other ``n - 1`` leave).
+   ``B / (M n)`` sequences, plus every unit's sync at the cheapest link a
+   group of ``n`` of the columns' copies could have) cannot beat the best
+   so far are skipped, ``n`` stops where ``n``
+   copies of the training state exceed the cluster's memory, and a program
+   leaves out the columns that could not improve on the best value (a
+   replica slower than it, or one taking more sequences than the other
+   ``n - 1`` leave).
 
-``max_stages`` defaults to 4, lowered on large clusters while the estimated
-work (footprints times orders times batch shares) exceeds a budget per device,
-but never below the fewest hosts that can hold the training state; the plan
-records the value used. The work grows with the batch (every share ``b`` is
-a separate DP), so large clusters with long pipelines take minutes to hours:
-the search is exact, not fast, there.
+Exactness and layer splits. The sync couples the replicas' layouts: a
+replica that is not the slowest may do better with a slower split that keeps
+its layers on the hosts where the other replicas keep theirs, and a larger
+footprint stops being redundant beside a faster smaller one. Where every
+(footprint order, layer split, share) choice numbers at most
+``SPLIT_LIMIT`` (small problems, those the exhaustive oracle can check), all
+of them are candidates (each stage on its fastest mesh) and the search is
+exact over ``S_train`` (as long as the programs stay under
+``EXACT_SYNC_LIMIT``; a larger one charges every unit the slowest link
+among all the hosts the plan uses, an upper bound, and the plan is valued
+exactly afterwards). Beyond that the candidates are each footprint's
+fastest pipeline (step 1): the plan is optimal among plans whose replicas
+are laid out for their own speed, and it records ``gap_bound_s``, how much
+a differently split plan could be faster at most (its slowest replica is
+no faster than step 1's candidates, its sync no cheaper than ``n``
+members on the cluster's best-connected devices); 0 when the plan is
+optimal over every split too.
+
+``max_stages`` defaults to 4, lowered on large clusters while the footprints
+of that many pieces exceed ``WORK_PER_DEVICE`` per device (hexgen-full keeps
+4, synthetic-320 gets 2), and raised, whatever the count, to the fewest
+hosts whose memory holds the training state and whose stages can hold every
+layer with its activations (:func:`fewest_hosts`); the plan records the
+value used.
 """
 
 from __future__ import annotations
@@ -66,9 +99,10 @@ from hexjax.search.space import DEFAULT_MAX_STAGES, Symmetry, free_devices, host
 from hexjax.workload import TrainWorkload, Workload
 
 OBJECTIVES = ("throughput", "cost")
-WORK_PER_DEVICE = 1_500
-"""Budget of the automatic ``max_stages``: footprints x orders x (M, b) choices, per device (about 3 ms
-each on one core: hexgen-8gpu keeps 4 stages, larger clusters drop to the fewest hosts that hold the state)."""
+WORK_PER_DEVICE = 1_200
+"""Budget of the automatic ``max_stages``: footprints of up to that many pieces (memory not checked), per
+device. Most cost a vectorised bound, a few the exact search: hexgen-8gpu and hexgen-full (62,929 footprints
+at 4 pieces) keep 4 stages, synthetic-320 gets 2 (409,164 at 3)."""
 INF = math.inf
 Progress = Callable[[int, int, str], None]
 
@@ -105,6 +139,9 @@ class TrainPipelines:
         # the serving machinery minimises Σ p + (mb - 1) max p when a request emits one token
         self.core = PipelineSearch(cfg, cluster, sym, Workload(1, 1, 1))
         self._pos: dict = {}
+        self._piece: dict = {}
+        self._path: dict = {}
+        self._tables: tuple = (None, {}, [])
         self.evaluated = 0
 
     def position(self, cls: int, devices: int, M: int, b: int, j: int, P: int, prev: int | None):
@@ -134,38 +171,55 @@ class TrainPipelines:
         self._pos[key] = pos
         return pos
 
-    def best(self, footprint, M: int, b: int) -> TrainChoice | None:
-        """Least ``T`` over orders, shapes and layer splits of ``footprint`` (None if nothing fits)."""
+    def best(self, footprint, M: int, b: int, limit: float = INF) -> TrainChoice | None:
+        """Least ``T`` over orders, shapes and layer splits of ``footprint`` (None if nothing fits, or if
+        nothing is faster than ``limit``)."""
         P = len(footprint)
         if P > self.L:
             return None
         if self.cons.symmetric:
-            return self._best_symmetric(footprint, M, b)
-        orders, table = [], []
-        for order in sorted(set(itertools.permutations(footprint))):
-            row = [self.position(cls, u, M, b, j, P, order[j - 1][0] if j else None)
-                   for j, (cls, u) in enumerate(order)]
-            if all(r is not None for r in row):
-                orders.append(order)
-                table.append(row)
-        if not orders:
+            return self._best_symmetric(footprint, M, b, limit)
+        got = self._table(footprint, M, b)
+        if got is None:
             return None
+        orders, table, W = got
         self.evaluated += len(orders)
-        W = [np.stack([t[j].busy for t in table]) for j in range(P)]
         if M == 1:
             total, _, counts = self.core._split_orders(W, "sum")
             o = int(np.argmin(total))
-            if not math.isfinite(total[o]):
+            if not total[o] < limit:
                 return None
             idx = [int(table[o][j].arg[counts[j, o]]) for j in range(P)]
             return self._choice(float(total[o]), orders[o], table[o], [int(c) for c in counts[:, o]], idx, M, b)
-        got = self.core._best_microbatched(table, W, M, INF, 0.0)
+        got = self.core._best_microbatched(table, W, M, limit, 0.0)
         if got is None:
             return None
         value, o, counts, idx = got
         return self._choice(value, orders[o], table[o], counts, idx, M, b)
 
-    def _best_symmetric(self, footprint, M: int, b: int) -> TrainChoice | None:
+    def _table(self, footprint, M: int, b: int):
+        """``(orders, positions per order, W)`` of the orders whose every stage fits something, or None.
+
+        Kept for the footprint last asked about: its ``M`` values from ``P`` up share one table per ``b``
+        (``M`` matters only through the stash ``min(P - j, M)``).
+        """
+        if self._tables[0] != footprint:
+            self._tables = (footprint, {}, sorted(set(itertools.permutations(footprint))))
+        P = len(footprint)
+        key = (min(M, P), b)
+        cache = self._tables[1]
+        if key not in cache:
+            orders, table = [], []
+            for order in self._tables[2]:
+                row = [self.position(cls, u, M, b, j, P, order[j - 1][0] if j else None)
+                       for j, (cls, u) in enumerate(order)]
+                if all(r is not None for r in row):
+                    orders.append(order)
+                    table.append(row)
+            cache[key] = (orders, table, [np.stack([t[j].busy for t in table]) for j in range(P)]) if orders else None
+        return cache[key]
+
+    def _best_symmetric(self, footprint, M: int, b: int, limit: float = INF) -> TrainChoice | None:
         """Pieces of one size, tp = size, layers split evenly (the first ``L mod P`` stages one more)."""
         P = len(footprint)
         u = footprint[0][1]
@@ -182,7 +236,7 @@ class TrainPipelines:
             idx = [r.meshes.index((1, u)) for r in row]
             work = [float(r.pre[s, c]) for r, s, c in zip(row, idx, counts)]
             t = train_cost.pipeline_time(work, M)
-            if math.isfinite(t) and (best is None or t < best.step_s):
+            if t < limit and (best is None or t < best.step_s):
                 best = self._choice(t, order, row, counts, idx, M, b)
         return best
 
@@ -192,62 +246,315 @@ class TrainPipelines:
         pipe = PipelineChoice(float(value), tuple(order), tuple(int(c) for c in counts), meshes, M)
         return TrainChoice(float(value), pipe, M, b)
 
+    # ---- lower bounds, to skip footprints and shares that cannot beat a limit ----
+
+    def piece_bound(self, cls: int, devices: int, nb: int) -> tuple[np.ndarray, ...]:
+        """``(a, cap, a_up, cap_up, room, room_up)`` over microbatches ``b = 1..nb`` (index ``b - 1``): a stage
+        on the piece works at least ``a[b - 1]`` per layer and holds at most ``cap[b - 1]`` layers, and at most
+        ``room[role, b - 1]`` in one of the ``_ROLES`` (place in the pipeline and stash); the ``_up`` arrays
+        bound every ``b' >= b`` as well (least ``a``, most ``cap`` and ``room`` over them: a measured
+        efficiency curve need not make time grow with ``b``).
+
+        Relaxed so that they bound every position: the least work and most room over the shapes (``dp``
+        dividing ``b``) and, for ``a`` and ``cap``, the first/last flags with one stashed microbatch; no hop.
+        """
+        key = (cls, devices, nb)
+        got = self._piece.get(key)
+        if got is None:
+            host = self.cluster.hosts[self.sym.classes[cls].hosts[0]]
+            ls = self.layers[1:]
+            a = np.full(nb, INF)
+            room = np.zeros((len(_ROLES), nb), dtype=np.int64)
+            for (dp, tp), (r, (first, last, stash)) in itertools.product(shapes(self.cfg, devices),
+                                                                         enumerate(_ROLES)):
+                if self.cons.symmetric and dp != 1:
+                    continue
+                for b in range(dp, nb + 1, dp):
+                    c = train_cost.stage_train_cost(self.cfg, host.device, host.intra_bandwidth_Bps,
+                                                    host.intra_latency_s, self.layers, dp, tp, first, last, b, stash,
+                                                    self.wl, None)
+                    ok = (c.memory_bytes <= c.capacity_bytes)[1:]
+                    if ok.any():
+                        if stash == 1:
+                            a[b - 1] = min(a[b - 1], float((c.work_s[1:][ok] / ls[ok]).min()))
+                        room[r, b - 1] = max(room[r, b - 1], int(ls[ok].max()))
+            cap = room.max(axis=0)
+            up = lambda x, f: f.accumulate(x[..., ::-1], axis=-1)[..., ::-1]
+            got = self._piece[key] = (a, cap, up(a, np.minimum), up(cap, np.maximum), room, up(room, np.maximum))
+        return got
+
+    def path_bound(self, classes: tuple[int, ...], nb: int) -> np.ndarray:
+        """``[0 or 1, b - 1]``: the least total, and the least largest, time a stage spends on the hops of a
+        microbatch of ``b`` sequences (activations in, their gradient back, on every stage but the first),
+        over the orders of ``classes``."""
+        key = (classes, nb)
+        got = self._path.get(key)
+        if got is None:
+            nbytes = np.arange(1, nb + 1) * (self.wl.seq_len * self.cfg.hidden_size * self.wl.dtype_bytes)
+            got = np.zeros((2, nb))
+            if len(classes) > 1:
+                got[:] = INF
+                for order in set(itertools.permutations(classes)):
+                    hops = [2 * cost.hop_s(nbytes, *self.sym.link[(order[j - 1], order[j])])
+                            for j in range(1, len(order))]
+                    got[0] = np.minimum(got[0], sum(hops))
+                    got[1] = np.minimum(got[1], np.max(hops, axis=0))
+            self._path[key] = got
+        return got
+
+    def lower_bounds(self, fps: list, nb: int) -> tuple[np.ndarray, ...]:
+        """``(fill, tau, fill_up, tau_up, path, hop)``, each ``[footprint, b - 1]`` for footprints of one size
+        ``P``: with per-layer work ``a_s`` and room ``cap_s`` from :meth:`piece_bound`, ``fill`` is the least
+        ``Σ a_s l_s`` and ``tau`` the least ``max a_s l_s`` over splits ``1 <= l_s <= cap_s``, ``Σ l_s = L``
+        (inf where none exists), ``path`` and ``hop`` the least total and largest hop time of a stage
+        (:meth:`path_bound`). Then with ``top = max(tau, hop)``, ``T >= fill + path + (M - 1) top`` and
+        ``T >= M top`` (:func:`_share_bound`); ``fill_up`` and ``tau_up`` (from ``a_up``, ``cap_up``) make
+        them hold for every larger ``b`` too (hops grow with ``b``)."""
+        index: dict = {}
+        idx = np.array([[index.setdefault(piece, len(index)) for piece in fp] for fp in fps], dtype=np.int64)
+        rows = [self.piece_bound(cls, u, nb) for cls, u in index]
+        out, fits = [], []
+        for k in (0, 2):
+            out += _fill_tau(np.stack([r[k] for r in rows])[idx], np.stack([r[k + 1] for r in rows])[idx], self.L)
+            fits.append(_room(np.stack([r[4 + k // 2] for r in rows])[idx], self.L))
+        paths: dict = {}
+        hops = np.stack([paths.setdefault(c, self.path_bound(c, nb))
+                         for c in (tuple(cls for cls, _ in fp) for fp in fps)])
+        return tuple(out) + (hops[:, 0], hops[:, 1]) + tuple(fits)
+
+
+_ROLES = ((True, False, 1), (False, False, 1), (False, True, 1), (True, True, 1), (True, False, 2), (False, False, 2))
+"""``(first, last, stash)`` of the stage roles :meth:`TrainPipelines.piece_bound` gives room for: 1F1B keeps
+``min(P - j, M)`` microbatches on stage ``j`` of ``P``, so with ``M >= 2`` every stage but the last keeps two or
+more (memory grows with the stash); one stage is first and one last (both when ``P = 1``)."""
+
+
+def _room(R: np.ndarray, L: int) -> np.ndarray:
+    """``[0 or 1, footprint, b]``: whether the pieces (room ``R[footprint, stage, role, b]``) can hold ``L``
+    layers with ``M = 1`` (every stash one) and with ``M >= 2``: at most the best choice of a first and a
+    last piece plus the others' room in the middle."""
+    N, P, _, nb = R.shape
+    out = np.zeros((2, N, nb), dtype=bool)
+    if P == 1:
+        out[:] = R[:, 0, 3] >= L
+        return out
+    for m, (f, mid, last) in enumerate(((0, 1, 2), (4, 5, 2))):
+        most = np.full((N, nb), -np.inf)
+        for i, k in itertools.permutations(range(P), 2):
+            most = np.maximum(most, R[:, i, f] - R[:, i, mid] + R[:, k, last] - R[:, k, mid])
+        out[m] = R[:, :, mid].sum(axis=1) + most >= L
+    return out
+
+
+def _fill_tau(A: np.ndarray, C: np.ndarray, L: int) -> list[np.ndarray]:
+    """``[fill, tau]`` (``[footprint, b]``) from per-layer work ``A`` and room ``C`` (``[footprint, stage, b]``):
+    the least ``Σ a_s l_s`` and the least ``max a_s l_s`` over splits ``1 <= l_s <= cap_s``, ``Σ l_s = L``."""
+    N, P, nb = A.shape
+    ok = (C >= 1).all(axis=1) & (C.sum(axis=1) >= L) & (P <= L)
+    A = np.where(np.isfinite(A), A, 1.0)                     # only where ok: keeps inf * 0 out
+    # fill: a layer on every stage, the rest on the cheapest stages first, up to their room
+    order = np.argsort(A, axis=1, kind="stable")
+    As, extra = np.take_along_axis(A, order, axis=1), np.take_along_axis(C, order, axis=1) - 1
+    before = np.cumsum(extra, axis=1) - extra
+    take = np.clip(np.minimum(extra, (L - P) - before), 0, None)
+    fill = As.sum(axis=1) + (As * take).sum(axis=1)
+    # tau: the least t with Σ min(cap_s, t / a_s) >= L, i.e. the largest (L - cap(S)) / Σ_{s not in S} 1 / a_s
+    # over proper subsets S of the stages (each min taken as either branch)
+    inv = 1.0 / A
+    tau = np.zeros((N, nb))
+    for mask in range(2 ** P - 1):
+        inside = np.array([(mask >> s) & 1 for s in range(P)], dtype=bool)
+        tau = np.maximum(tau, (L - C[:, inside].sum(axis=1)) / inv[:, ~inside].sum(axis=1))
+    return [np.where(ok, fill, INF), np.where(ok, tau, INF)]
+
 
 def state_bytes(cfg: ModelConfig, wl: TrainWorkload) -> float:
     """Parameters, gradients and optimizer state of the whole model."""
     return cfg.num_params * sum(train_cost.state_bytes_per_param(wl))
 
 
-def auto_max_stages(sym: Symmetry, num_devices: int, wl: TrainWorkload, per_device: int = WORK_PER_DEVICE,
-                    floor: int = 1) -> int:
-    """The longest pipelines (at most 4) whose estimated work fits ``per_device`` per device, but never
-    fewer stages than ``floor`` (the fewest hosts that can hold the training state at all)."""
-    shares = sum(wl.global_batch // m for m in wl.microbatches)
+def auto_max_stages(sym: Symmetry, num_devices: int, wl: TrainWorkload | None = None,
+                    per_device: int = WORK_PER_DEVICE, floor: int = 1) -> int:
+    """The longest pipelines (at most 4) whose footprints number at most ``per_device`` per device, but
+    never fewer stages than ``floor`` (the fewest hosts that can hold the model at all), however many
+    footprints that takes. (``wl`` is not needed: the work no longer grows with the batch.)"""
+    if floor >= DEFAULT_MAX_STAGES:
+        return floor
     for ms in range(DEFAULT_MAX_STAGES, floor, -1):
-        ways = count_footprints(sym, ms)
-        work = sum(w * math.factorial(p) for p, w in enumerate(ways) if p) * shares
-        if work <= per_device * num_devices:
+        if sum(count_footprints(sym, ms)[1:]) <= per_device * num_devices:
             return ms
-    return max(1, min(floor, DEFAULT_MAX_STAGES))
+    return max(1, floor)
 
 
 def fewest_hosts(cfg, cluster, wl: TrainWorkload) -> int:
-    """How many hosts, the largest first, it takes to hold the training state (weights, grads, AdamW)."""
-    need, have = state_bytes(cfg, wl), 0.0
+    """How many hosts a pipeline needs at least (each stage has its own): the fewest, largest first, whose
+    usable memory holds the training state (weights, gradients, AdamW), and the fewest whose most layers
+    per stage (with the activations and workspace of one sequence per device,
+    :meth:`TrainPipelines.piece_bound`) add up to every layer. The host count when even all are short."""
+    need, have, by_memory = state_bytes(cfg, wl), 0.0, cluster.num_hosts
     for k, room in enumerate(sorted((cost.usable_memory_bytes(h.device) * h.count for h in cluster.hosts),
                                     reverse=True), 1):
         have += room
         if have >= need:
-            return k
-    return cluster.num_hosts
+            by_memory = k
+            break
+    sym = host_classes(cluster)
+    search = TrainPipelines(cfg, cluster, sym, wl, Constraints())
+    per_host = sorted((max(int(search.piece_bound(k.index, u, k.count)[3][0]) for u in range(1, k.count + 1))
+                       for k in sym.classes for _ in k.hosts), reverse=True)
+    by_layers = next((k for k in range(1, len(per_host) + 1) if sum(per_host[:k]) >= cfg.num_layers),
+                     cluster.num_hosts)
+    return max(by_memory, by_layers)
 
 
 def candidates(cfg, cluster, wl: TrainWorkload, max_stages: int, sym: Symmetry, constraints: Constraints,
-               progress: Progress | None = None) -> tuple[list[TrainChoice], int]:
-    """Every footprint's best pipeline for every ``(M, b)``, less the dominated ones."""
+               progress: Progress | None = None, objective: str = "throughput",
+               budget: float | None = None) -> tuple[list[TrainChoice], int]:
+    """Every footprint's best pipeline for every ``(M, b)`` that a plan better than the best one found so
+    far could use, less the dominated ones (see the module docstring)."""
+    B = wl.global_batch
     usable = [cost.usable_memory_bytes(cluster.hosts[k.hosts[0]].device) for k in sym.classes]
-    fps = footprints(sym, max_stages, usable, state_bytes(cfg, wl))
-    fps.sort(key=lambda f: (sum(u for _, u in f), len(f), f))
+    price_per = [cluster.hosts[k.hosts[0]].device.price_per_hour for k in sym.classes]
     search = TrainPipelines(cfg, cluster, sym, wl, constraints)
-    groups: dict = defaultdict(list)
-    for i, fp in enumerate(fps):
-        if progress is not None and i % 64 == 0:
-            progress(i, len(fps), "pipelines")
-        for M in wl.microbatches:
-            if wl.global_batch % M:
-                continue
-            for b in range(1, wl.global_batch // M + 1):
-                got = search.best(fp, M, b)
-                if got is not None:
-                    groups[(M, b)].append(got)
+    # a piece holds at most this many layers at any microbatch size: footprints that cannot hold them all
+    # are not enumerated (pipelines of large models on large clusters would be too many to list)
+    room = {(k.index, u): int(search.piece_bound(k.index, u, B)[3][0]) for k in sym.classes
+            for u in range(1, k.count + 1)}
+    fps = footprints(sym, max_stages, usable, state_bytes(cfg, wl), room, cfg.num_layers)
+    price = {fp: sum(price_per[cls] * u for cls, u in fp) for fp in fps}
+    if budget is not None:      # a replica alone over the budget is in no plan within it
+        fps = [fp for fp in fps if price[fp] <= budget * (1 + 1e-9)]
+    levels: dict = defaultdict(list)
+    for fp in fps:
+        levels[len(fp)].append(fp)
+    Ms = sorted((M for M in wl.microbatches if B % M == 0), reverse=True)   # M = B: one share, a whole plan
+    sync = train_cost.least_sync_s(cfg, wl, cluster, 2)     # at least this with two or more replicas
+    incumbent = INF     # the objective's value of the best plan found so far
+    found: list[TrainChoice] = []
+    done = 0
+
+    def limits(p: float) -> tuple[float, float]:
+        """``T`` a replica of price ``p`` must stay below to be in a better plan: alone, and beside others."""
+        alone = incumbent if objective == "throughput" or p <= 0 else incumbent / p
+        return alone * (1 + 1e-9), (alone - sync) * (1 + 1e-9)
+
+    for P in sorted(levels):
+        level = sorted(levels[P], key=lambda f: (sum(u for _, u in f), f))
+        for lo in range(0, len(level), _CHUNK):
+            chunk = level[lo:lo + _CHUNK]
+            fill, tau, fill_up, tau_up, path, hop, fits, fits_up = search.lower_bounds(chunk, B)
+            lbs = {M: (np.where(fits[min(M, 2) - 1, :, :B // M], _share_bound(
+                           fill[:, :B // M], tau[:, :B // M], path[:, :B // M], hop[:, :B // M], M), INF),
+                       np.where(fits_up[min(M, 2) - 1, :, :B // M], _share_bound(
+                           fill_up[:, :B // M], tau_up[:, :B // M], path[:, :B // M], hop[:, :B // M], M), INF))
+                   for M in Ms}
+            first = np.min([up[:, 0] for _, up in lbs.values()], axis=0)
+            for k, i in enumerate(np.argsort(first, kind="stable")):     # the most promising first
+                fp = chunk[i]
+                if progress is not None and (done + k) % 256 == 0:
+                    progress(done + k, len(fps), "pipelines")
+                if first[i] >= limits(price[fp])[0]:
+                    continue
+                for M in Ms:
+                    nb = B // M
+                    lb, lb_up = lbs[M][0][i], lbs[M][1][i]
+                    for b in range(1, nb + 1):
+                        alone, beside = limits(price[fp])
+                        if lb_up[b - 1] >= alone:   # so is every larger b
+                            break
+                        limit = alone if b == nb else beside
+                        if lb[b - 1] >= limit:
+                            continue
+                        got = search.best(fp, M, b, limit)
+                        if got is None:
+                            continue
+                        found.append(got)
+                        if b == nb:             # one replica taking the whole batch is a plan
+                            incumbent = min(incumbent, got.step_s * (1 if objective == "throughput" else price[fp]))
+            done += len(chunk)
+        if P < max(levels) and found:
+            # the best plan of the shorter pipelines found so far bounds what the longer ones must beat
+            got = _combine(_undominated(found, sym), sym, cfg, cluster, wl, objective, budget, constraints)
+            if got is not None:
+                incumbent = min(incumbent, got[0])
     if progress is not None:
         progress(len(fps), len(fps), "pipelines")
+    # what the final limits leave (the plan that set them keeps its replicas: they are below them)
+    found = [g for g in found if g.step_s < limits(price[g.pipe.footprint])[g.microbatches * g.microbatch < B]]
+    return _undominated(found, sym), search.evaluated
+
+
+def _share_bound(fill, tau, path, hop, M: int):
+    """The least ``T`` of a pipeline with these bounds (see :meth:`TrainPipelines.lower_bounds`) at ``M``:
+    ``Σ f + (M - 1) max f`` with ``Σ f >= fill + path`` and ``max f >= max(tau, hop)``."""
+    top = np.maximum(tau, hop)
+    return np.maximum(fill + path + (M - 1) * top if M > 1 else fill + path, M * top)
+
+
+_CHUNK = 4096
+"""Footprints whose lower bounds are computed together (arrays of footprints x pieces x shares)."""
+
+
+def _undominated(found: list[TrainChoice], sym: Symmetry) -> list[TrainChoice]:
+    """``found`` less the candidates a smaller-or-equal footprint matches or beats at the same ``(M, b)``."""
+    groups: dict = defaultdict(list)
+    for g in found:
+        groups[(g.microbatches, g.microbatch)].append(g)
     out = []
-    for key, group in groups.items():
-        pipes = prune_dominated([g.pipe for g in group], sym)
-        keep = {id(p) for p in pipes}
+    for group in groups.values():
+        keep = {id(p) for p in prune_dominated([g.pipe for g in group], sym)}
         out += [g for g in group if id(g.pipe) in keep]
-    return out, search.evaluated
+    return out
+
+
+# ---- every layer split (small problems) ----
+
+SPLIT_LIMIT = 400_000
+"""Most (footprint order, layer split, share) choices for which every layer split becomes a candidate."""
+
+
+def _compositions(total: int, parts: int) -> np.ndarray:
+    """Every split of ``total`` layers into ``parts`` positive counts, one per row."""
+    rows = [np.diff((0,) + cuts + (total,)) for cuts in itertools.combinations(range(1, total), parts - 1)]
+    return np.array(rows, dtype=np.int64).reshape(-1, parts)
+
+
+def every_split(cfg, cluster, wl: TrainWorkload, max_stages: int, sym: Symmetry,
+                constraints: Constraints) -> list[TrainChoice] | None:
+    """Every footprint's every order and layer split, each stage on its fastest mesh, for every ``(M, b)``;
+    None when that is more than :data:`SPLIT_LIMIT` choices.
+
+    With the gradient sync priced per layer group, a replica that is not the slowest may do better with a
+    slower split that keeps its layers beside the other replicas' copies, and a larger footprint is no longer
+    redundant beside a faster smaller one; so on problems this small the integer program gets them all.
+    """
+    B, L = wl.global_batch, cfg.num_layers
+    shares = [(M, b) for M in wl.microbatches if B % M == 0 for b in range(1, B // M + 1)]
+    # footprints (memory unchecked) x orders x splits x shares, counted before anything is listed
+    ways = count_footprints(sym, min(max_stages, L))
+    if sum(w * math.factorial(P) * math.comb(L - 1, P - 1) for P, w in enumerate(ways) if P) * len(shares) \
+            > SPLIT_LIMIT:
+        return None
+    usable = [cost.usable_memory_bytes(cluster.hosts[k.hosts[0]].device) for k in sym.classes]
+    fps = [fp for fp in footprints(sym, max_stages, usable, state_bytes(cfg, wl)) if len(fp) <= L]
+    search = TrainPipelines(cfg, cluster, sym, wl, constraints)
+    splits = {P: _compositions(L, P) for P in {len(fp) for fp in fps}}
+    out = []
+    for fp in fps:
+        P = len(fp)
+        for M, b in shares:
+            table = search._table(fp, M, b)
+            if table is None:
+                continue
+            orders, positions, W = table
+            K = splits[P]
+            work_s = np.stack([W[j][:, K[:, j]] for j in range(P)])          # [stage, order, split]
+            T = work_s.sum(axis=0) + ((M - 1) * work_s.max(axis=0) if M > 1 else 0.0)
+            for o, k in zip(*np.nonzero(np.isfinite(T))):
+                counts = [int(c) for c in K[k]]
+                idx = [int(positions[o][j].arg[counts[j]]) for j in range(P)]
+                out.append(search._choice(float(T[o, k]), orders[o], positions[o], counts, idx, M, b))
+    return out
 
 
 # ---- plans: integer programs ----
@@ -260,6 +567,10 @@ class _Column:
     step_s: float
     price: float
     rows: int
+    units: tuple[int, ...]
+    """The host of each synchronised unit (:func:`train_cost.unit_hosts`)."""
+    widths: tuple[int, ...]
+    """Devices of the stage keeping each unit."""
 
 
 def _columns(cands: list[TrainChoice], sym: Symmetry, cluster) -> list[_Column]:
@@ -271,36 +582,130 @@ def _columns(cands: list[TrainChoice], sym: Symmetry, cluster) -> list[_Column]:
             use = defaultdict(int)
             for h, (_, u) in zip(hosts, c.pipe.pieces):
                 use[h] += u
-            cols.append(_Column(ci, hosts, dict(use), c.step_s, price, c.microbatches * c.microbatch))
+            cols.append(_Column(ci, hosts, dict(use), c.step_s, price, c.microbatches * c.microbatch,
+                                train_cost.unit_hosts(c.pipe.layer_counts, hosts),
+                                train_cost.unit_hosts(c.pipe.layer_counts, [u for _, u in c.pipe.pieces])))
     return cols
 
 
-def _link_levels(cluster) -> list[tuple[float, float]]:
-    """Every (bandwidth, latency) bound worth trying: pairs of values the cluster's links take."""
-    bws, lats = set(), set()
-    H = cluster.num_hosts
-    for a in range(H):
-        bws.add(cluster.hosts[a].intra_bandwidth_Bps)
-        lats.add(cluster.hosts[a].intra_latency_s)
-        for b in range(a + 1, H):
-            bws.add(cluster.host_bandwidth(a, b))
-            lats.add(cluster.host_latency(a, b))
-    return [(bw, lat) for bw in sorted(bws, reverse=True) for lat in sorted(lats)]
+def _segments(cols: list[_Column], unit_bytes: list[float]) -> list[tuple[int, float, np.ndarray, np.ndarray]]:
+    """Units that every column keeps on the same host and that carry the same bytes share one sync
+    variable: ``[(units in the segment, bytes per unit, host per column, devices of that stage per column)]``."""
+    table = np.array([c.units for c in cols], dtype=np.int64)
+    widths = np.array([c.widths for c in cols], dtype=np.int64)
+    groups: dict = {}
+    for u, nbytes in enumerate(unit_bytes):
+        key = (nbytes, table[:, u].tobytes())
+        if key in groups:
+            groups[key][0] += 1
+        else:
+            groups[key] = [1, nbytes, table[:, u], widths[:, u]]
+    return [tuple(g) for g in groups.values()]
 
 
-def _solve(cols: list[_Column], cluster, n: int, batch: int, link: tuple[float, float] | None,
-           budget: float | None, price_cap: float | None, time_cap: float | None, minimise: str):
+PROGRAM_TIME_LIMIT_S = 60.0
+"""Time one integer program may take; a program stopped by it contributes its best solution found and the
+plan says so (``unproven_programs``), its ``gap_bound_s`` still bounding how far from optimal it can be."""
+_unproven = [0]
+"""Programs of the current search stopped by the time limit."""
+
+EXACT_SYNC_LIMIT = 60_000
+"""Largest columns x sync segments for which the integer program prices every layer group; above it each
+unit is charged the slowest link among all the hosts the plan uses (an upper bound), to keep it small."""
+
+
+def _sync_groups(cols: list[_Column], unit_bytes: list[float]) -> list[tuple[int, float, dict]]:
+    """``[(units, bytes per unit, {host: columns whose copies count as members there})]`` for the program.
+
+    Exact: per segment, a column's member of the group is on the host keeping the unit. Bounded (large
+    programs): one group per distinct unit size whose members are on every host a column uses, so the
+    program's sync is at least the plan's and the plan is valued exactly afterwards."""
+    segments = _segments(cols, unit_bytes)
+    if len(cols) * len(segments) <= EXACT_SYNC_LIMIT:
+        return [(count, nbytes, {int(h): np.flatnonzero(holders == h).tolist() for h in set(holders.tolist())})
+                for count, nbytes, holders, _ in segments]
+    uses: dict = defaultdict(list)
+    for j, c in enumerate(cols):
+        for h in c.use:
+            uses[h].append(j)
+    sizes: dict = defaultdict(int)
+    for nbytes in unit_bytes:
+        sizes[nbytes] += 1
+    return [(count, nbytes, dict(uses)) for nbytes, count in sizes.items()]
+
+
+def _least_group_s(cluster, caps: dict, nbytes: float, n: int) -> float:
+    """The least all-reduce time of ``n`` members on hosts that hold at most ``caps[h]`` each.
+
+    A group whose slowest link costs ``c`` lies in one connected part of the hosts joined by links costing at
+    most ``c`` (a host counting for more than one member only when its own link costs at most ``c``); the
+    least ``c`` at which some part can hold ``n`` members is a lower bound (inf: none can)."""
+    from scipy.sparse.csgraph import connected_components
+
+    hosts = sorted(caps)
+    cap = np.array([caps[h] for h in hosts])
+    pair = np.array([[train_cost.link_allreduce_s(cluster, a, b, nbytes, n) for b in hosts] for a in hosts])
+    own = np.diag(pair).copy()
+    for c in np.unique(pair):
+        near = pair <= c
+        np.fill_diagonal(near, False)
+        parts, label = connected_components(near, directed=False)
+        members = np.where(own <= c, cap, np.minimum(cap, 1))
+        if np.bincount(label, weights=members, minlength=parts).max() >= n:
+            return float(c)
+    return INF
+
+
+def _caps(cluster, places) -> dict:
+    """``{host: most members}`` from ``(host, devices of the stage)`` places: a member needs a stage's devices."""
+    least: dict = {}
+    for h, w in places:
+        least[h] = min(least.get(h, w), w)
+    return {h: cluster.hosts[h].count // w for h, w in least.items()}
+
+
+def _sync_bound(cols: list[_Column], cluster, n: int, unit_bytes: list[float]) -> float:
+    """A lower bound on the gradient sync of any ``n`` copies of ``cols``, per segment from the hosts the
+    columns keep it on (:func:`_least_group_s`)."""
+    if n <= 1:
+        return 0.0
+    total = 0.0
+    for count, nbytes, holders, widths in _segments(cols, unit_bytes):
+        total += count * _least_group_s(cluster, _caps(cluster, zip(holders.tolist(), widths.tolist())), nbytes, n)
+    return total
+
+
+def _sync_bound_any_cluster(cluster, n: int, unit_bytes: list[float]) -> float:
+    """A lower bound on the gradient sync of any ``n`` replicas on ``cluster`` under any layout: every unit's
+    group as cheap as ``n`` members on the cluster's devices can be (one device each)."""
+    if n <= 1:
+        return 0.0
+    caps = {h: host.count for h, host in enumerate(cluster.hosts)}
+    return sum(_least_group_s(cluster, caps, nbytes, n) for nbytes in unit_bytes)
+
+
+def _solve(cols: list[_Column], cluster, n: int, batch: int, unit_bytes: list[float], budget: float | None,
+           price_cap: float | None, time_cap: float | None, minimise: str):
     """One integer program (see the module docstring): the chosen ``{column: copies}`` or None."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.optimize import Bounds, LinearConstraint
     from scipy.sparse import coo_matrix
 
-    H = cluster.num_hosts
+    from hexjax.search.milp import milp
+
     C = len(cols)
     if C == 0:
         return None
-    # variables: z (copies) C, y (column used) C, u (host used) H, t (slowest replica) 1
-    N = 2 * C + H + 1
+    # variables: z (copies) C, y (column used) C, t (slowest replica) 1, then per sync segment s (its
+    # all-reduce time) and per host holding it x (holds some member) and d (holds two or more)
     ri, ci, vals, lo, hi = [], [], [], [], []
+    ub, integer, step_cost = [0.0] * C + [1.0] * C + [0.0], [1] * (2 * C) + [0], [0.0] * (2 * C) + [1.0]
+    T = 2 * C
+
+    def var(upper, is_int, weight=0.0):
+        ub.append(upper)
+        integer.append(is_int)
+        step_cost.append(weight)
+        return len(ub) - 1
 
     def row(entries, low, high):
         r = len(lo)
@@ -318,53 +723,63 @@ def _solve(cols: list[_Column], cluster, n: int, batch: int, link: tuple[float, 
         for h, u in c.use.items():
             per_host[h].append((j, u))
     for h, entries in per_host.items():
-        row(entries + [(2 * C + h, -cluster.hosts[h].count)], -np.inf, 0)
-    ub = np.zeros(N)
+        row(entries, -np.inf, cluster.hosts[h].count)
     for j, c in enumerate(cols):
         ub[j] = min(min(cluster.hosts[h].count // u for h, u in c.use.items()), n)
         row([(j, 1), (C + j, -n)], -np.inf, 0)                     # z <= n y
-        row([(C + j, c.step_s), (N - 1, -1)], -np.inf, 0)          # t >= T y
-    ub[C:2 * C] = 1
-    ub[2 * C:2 * C + H] = 1
-    ub[N - 1] = max(c.step_s for c in cols)
-    if link is not None and n > 1:
-        bw, lat = link
-        for h in range(H):
-            hh = cluster.hosts[h]
-            if hh.intra_bandwidth_Bps < bw or hh.intra_latency_s > lat:
-                ub[2 * C + h] = 0
-        for a in range(H):
-            for b in range(a + 1, H):
-                if cluster.host_bandwidth(a, b) < bw or cluster.host_latency(a, b) > lat:
-                    row([(2 * C + a, 1), (2 * C + b, 1)], -np.inf, 1)
+        row([(C + j, c.step_s), (T, -1)], -np.inf, 0)              # t >= T y
+    ub[T] = max(c.step_s for c in cols)
+    if n > 1:
+        for count, nbytes, members in _sync_groups(cols, unit_bytes):
+            hosts = sorted(members)
+            worst = max(train_cost.link_allreduce_s(cluster, a, b, nbytes, n) for a in hosts for b in hosts)
+            s = var(worst, 0, count)
+            x = {}
+            for h in hosts:
+                held = [(j, 1) for j in members[h]]
+                x[h] = var(1, 1)
+                row(held + [(x[h], -n)], -np.inf, 0)               # a member on h: x_h = 1
+                if cluster.hosts[h].count > 1:                     # two members on h: d = 1, h's own link
+                    d = var(1, 1)
+                    row(held + [(d, -(n - 1))], -np.inf, 1)
+                    row([(d, train_cost.link_allreduce_s(cluster, h, h, nbytes, n)), (s, -1)], -np.inf, 0)
+            for i, a in enumerate(hosts):
+                for b in hosts[i + 1:]:                            # members on a and b: their link
+                    c_ab = train_cost.link_allreduce_s(cluster, a, b, nbytes, n)
+                    row([(x[a], c_ab), (x[b], c_ab), (s, -1)], -np.inf, c_ab)
+    N = len(ub)
     for cap in (budget, price_cap):
         if cap is not None:
             row([(j, cols[j].price) for j in range(C)], -np.inf, cap)
     if time_cap is not None:
-        ub[N - 1] = min(ub[N - 1], time_cap)
+        row([(j, w) for j, w in enumerate(step_cost) if w], -np.inf, time_cap)
     c = np.zeros(N)
     if minimise == "time":
-        c[N - 1] = 1.0
+        c[:] = step_cost
     else:
         c[:C] = [col.price for col in cols]
-    integrality = np.ones(N)
-    integrality[N - 1] = 0
     A = coo_matrix((vals, (ri, ci)), shape=(len(lo), N)).tocsr()
-    res = milp(c, constraints=[LinearConstraint(A, lo, hi)], integrality=integrality,
-               bounds=Bounds(np.zeros(N), ub), options={"mip_rel_gap": 0.0, "presolve": True})
-    if res.status != 0 or res.x is None:
+    res = milp(c, constraints=[LinearConstraint(A, lo, hi)], integrality=np.array(integer),
+               bounds=Bounds(np.zeros(N), np.array(ub)),
+               options={"mip_rel_gap": 0.0, "presolve": True, "time_limit": PROGRAM_TIME_LIMIT_S})
+    if res.status == 1:                 # out of time: its best solution, if any, is not proven optimal
+        _unproven[0] += 1
+    if res.status not in (0, 1) or res.x is None:
         return None
     z = np.round(res.x[:C]).astype(int)
     return {j: int(z[j]) for j in range(C) if z[j] > 0}
 
 
+def _step(chosen: dict, cols, cfg, cluster, wl) -> float:
+    """Step time of a solution: its slowest replica, then every unit's gradient sync among the hosts the
+    replicas really keep it on."""
+    units = [cols[j].units for j, x in chosen.items() for _ in range(x)]
+    return max(cols[j].step_s for j in chosen) + train_cost.sync_s(cfg, wl, cluster, units)
+
+
 def _value(chosen: dict, cols, cfg, cluster, wl, objective: str):
-    """``(objective value, step_s, price)`` of a solution, from the hosts it really uses."""
-    n = sum(chosen.values())
-    hosts = {h for j in chosen for h in cols[j].use}
-    t = max(cols[j].step_s for j in chosen)
-    sync = train_cost.sync_s(cfg, wl, n, *train_cost.slowest_link(cluster, hosts)) if n > 1 else 0.0
-    step = t + sync
+    """``(objective value, step_s, price)`` of a solution."""
+    step = _step(chosen, cols, cfg, cluster, wl)
     price = sum(cols[j].price * x for j, x in chosen.items())
     value = step if objective == "throughput" else price * step
     return value, step, price
@@ -390,7 +805,8 @@ def plan_train(model, cluster, wl: TrainWorkload, objective: str = "throughput",
         raise PlanError(f"seq_len {wl.seq_len} exceeds {cfg.name}'s {cfg.max_position_embeddings} positions; "
                         f"use a seq_len of at most {cfg.max_position_embeddings}")
     sym = host_classes(cluster)
-    if max_stages is None:
+    auto = max_stages is None
+    if auto:
         max_stages = DEFAULT_MAX_STAGES if exhaustive else auto_max_stages(
             sym, cluster.num_devices, wl, floor=fewest_hosts(cfg, cluster, wl))
     if not isinstance(max_stages, int) or max_stages < 1:
@@ -404,28 +820,49 @@ def plan_train(model, cluster, wl: TrainWorkload, objective: str = "throughput",
         result, stats = got
         return _finish(result, cfg, cluster, wl, {"search_s": time.perf_counter() - t0, "max_stages": max_stages,
                                                    "exhaustive": True, **stats})
-    cands, evaluated = candidates(cfg, cluster, wl, max_stages, sym, constraints, progress)
+    # the baselines' replicas share one layout, so their splits stay aligned: their own fastest is kept
+    cands = every_split(cfg, cluster, wl, max_stages, sym, constraints) if constraints == Constraints() else None
+    splits = "every" if cands is not None else "fastest"
+    if cands is None:
+        cands, evaluated = candidates(cfg, cluster, wl, max_stages, sym, constraints, progress, objective,
+                                      budget_per_hour)
+        # fewest_hosts is a bound: when no pipeline that short fits, the model needs longer ones
+        while auto and not cands and max_stages < min(cluster.num_hosts, cfg.num_layers):
+            max_stages += 1
+            cands, evaluated = candidates(cfg, cluster, wl, max_stages, sym, constraints, progress, objective,
+                                          budget_per_hour)
+    else:
+        evaluated = len(cands)
     if not cands:
         raise PlanError(infeasible_message(cfg, cluster, wl, max_stages, None))
+    _unproven[0] = 0
     best = _combine(cands, sym, cfg, cluster, wl, objective, budget_per_hour, constraints)
     if best is None:
         raise PlanError(infeasible_message(cfg, cluster, wl, max_stages, budget_per_hour, cands=cands))
-    _, chosen, cols = best
+    value, chosen, cols, lower, bounded = best
     result = build_plan(cfg, cluster, wl, objective, [(cands[cols[j].cand], cols[j].hosts, x)
                                                         for j, x in chosen.items()])
-    return _finish(result, cfg, cluster, wl, {"search_s": time.perf_counter() - t0, "max_stages": max_stages,
-                                               "exhaustive": False, "candidates": len(cands),
-                                               "orders_evaluated": evaluated})
+    meta = {"search_s": time.perf_counter() - t0, "max_stages": max_stages, "exhaustive": False,
+            "candidates": len(cands), "orders_evaluated": evaluated, "layer_splits": splits}
+    meta["sync_pricing"] = "bounded" if bounded else "per layer group"
+    if _unproven[0]:
+        meta["unproven_programs"] = _unproven[0]
+    if (splits == "fastest" or bounded or _unproven[0]) and lower is not None:
+        # each replica laid out for its own speed, or large programs charged an upper bound on the sync: a
+        # plan of the space is faster by at most this (0: the plan is optimal over every split too)
+        meta["gap_bound_s"] = max(0.0, value - lower)
+    return _finish(result, cfg, cluster, wl, meta)
 
 
 def _combine(cands, sym, cfg, cluster, wl, objective, budget, constraints):
-    """Best ``(value, {column: copies}, columns)`` over every ``(M, n, link)`` program, taken in the order
-    of their lower bounds until none can beat the best value found."""
+    """Best ``(value, {column: copies}, columns, lower)`` over every ``(M, n)`` program, taken in the order of
+    their lower bounds until none can beat the best value found; ``lower`` (throughput) bounds the step of
+    any plan of the candidates' footprints and orders under every layer split from below."""
     B = wl.global_batch
     # every replica holds the whole training state at least once
     room = sum(cost.usable_memory_bytes(h.device) * h.count for h in cluster.hosts)
     n_max = max(1, int(room // state_bytes(cfg, wl)))
-    levels = sorted(set(_link_levels(cluster)))
+    unit_bytes = train_cost.grad_bytes_per_layer(cfg, wl)
     jobs = []
     for M in wl.microbatches:
         mine = [i for i, c in enumerate(cands) if c.microbatches == M]
@@ -447,40 +884,50 @@ def _combine(cands, sym, cfg, cluster, wl, objective, budget, constraints):
                 big = [c.step_s for c in pool if c.rows >= M * share]
                 if not big or (len(pools) > 1 and pool[0].rows * n != B):
                     continue
-                t_lb = min(big)
-                for link in ([None] if n == 1 else levels):
-                    sync = train_cost.sync_s(cfg, wl, n, *link) if link is not None else 0.0
-                    lb = t_lb + sync if objective == "throughput" else n * min_price * (t_lb + sync)
-                    jobs.append((lb, M, n, link, pool))
+                t_lb = min(big) + _sync_bound(pool, cluster, n, unit_bytes)
+                lb = t_lb if objective == "throughput" else n * min_price * t_lb
+                jobs.append((lb, M, n, pool, min(big)))
     jobs.sort(key=lambda j: (j[0], j[1], j[2]))
-    best = None
-    for lb, M, n, link, pool in jobs:
+    # what any plan must take at least (throughput): its slowest replica's pipeline is no faster than the
+    # fastest candidate of its (M, b), whatever its layer split, and its sync no cheaper than the cluster allows
+    lower = min((t + _sync_bound_any_cluster(cluster, n, unit_bytes) for _, _, n, _, t in jobs),
+                default=INF) if objective == "throughput" else None
+    best, bounded = None, False
+    for lb, M, n, pool, _ in jobs:
         if best is not None and lb >= best[0]:
             break
         floor = n * min(c.price for c in pool)
-        sync = train_cost.sync_s(cfg, wl, n, *link) if link is not None else 0.0
         # columns that cannot help: a replica slower than the best value (throughput; for cost, slower than
         # what the cheapest n copies could afford), or taking more rows than the other n - 1 leave
         cut = INF if best is None else (best[0] if objective == "throughput" else best[0] / floor)
         pool = [c for c in pool if c.step_s < cut and c.rows <= B - (n - 1) * M]
         if not pool:
             continue
+        if best is not None and objective == "throughput" and n > 1:     # the bound again, on what is left
+            share = -(-B // (M * n))
+            big = [c.step_s for c in pool if c.rows >= M * share]
+            if not big or min(big) + _sync_bound(pool, cluster, n, unit_bytes) >= best[0]:
+                continue
 
-        def hopeless(t, best=best):
-            # the frontier's later points are slower: they cost at least the cheapest n copies for t + sync
-            return best is not None and floor * (t + sync) >= best[0]
+        def hopeless(step, best=best):
+            # the frontier's later points are slower: they cost at least the cheapest n copies for that long
+            return best is not None and floor * step >= best[0]
 
-        for chosen in _programs(pool, cluster, n, B, link, budget, objective, lambda t: hopeless(t, best)):
+        bounded = bounded or (n > 1 and len(pool) * len(_segments(pool, unit_bytes)) > EXACT_SYNC_LIMIT)
+        for chosen in _programs(pool, cfg, cluster, wl, n, B, unit_bytes, budget, objective, hopeless,
+                                None if best is None or objective != "throughput" else best[0]):
             value, _, price = _value(chosen, pool, cfg, cluster, wl, objective)
             if budget is not None and price > budget * (1 + 1e-9):      # beyond the solver's tolerance
                 continue
             if best is None or value < best[0] * (1 - 1e-12):
                 best = (value, chosen, pool)
-    return best
+    return None if best is None else best + (lower, bounded)
 
 
-def _programs(cols, cluster, n, B, link, budget, objective, hopeless=lambda t: False):
-    """Solutions worth valuing: the least-time one (throughput), or the (time, price) frontier (cost)."""
+def _programs(cols, cfg, cluster, wl, n, B, unit_bytes, budget, objective, hopeless=lambda t: False,
+              incumbent: float | None = None):
+    """Solutions worth valuing: the least-step one (throughput; only one faster than ``incumbent``), or the
+    (step, price) frontier (cost)."""
     if n == 1:      # one replica takes the whole batch: the best single column
         ok = [j for j, c in enumerate(cols) if c.rows == B and (budget is None or c.price <= budget * (1 + 1e-9))]
         if ok:
@@ -488,19 +935,19 @@ def _programs(cols, cluster, n, B, link, budget, objective, hopeless=lambda t: F
             yield {min(ok, key=key): 1}
         return
     if objective == "throughput":
-        got = _solve(cols, cluster, n, B, link, budget, None, None, "time")
+        got = _solve(cols, cluster, n, B, unit_bytes, budget, None, incumbent, "time")
         if got is not None:
             yield got
         return
     cap = last = None
     while True:
-        got = _solve(cols, cluster, n, B, link, budget, cap, None, "time")
+        got = _solve(cols, cluster, n, B, unit_bytes, budget, cap, None, "time")
         if got is None:
             return
-        t = max(cols[j].step_s for j in got)
-        if hopeless(t):
+        step = _step(got, cols, cfg, cluster, wl)
+        if hopeless(step):
             return
-        cheap = _solve(cols, cluster, n, B, link, budget, cap, t * (1 + 1e-12), "price")
+        cheap = _solve(cols, cluster, n, B, unit_bytes, budget, cap, step * (1 + 1e-9), "price")
         got = cheap or got
         yield got
         price = sum(cols[j].price * x for j, x in got.items())

@@ -120,6 +120,11 @@ def totals_text(plan, pred, wl, search: bool) -> str:
         what = "replicas" if meta.get("exhaustive") else "candidate pipelines"
         lines.append(f"{kind} {meta['search_s']:.2f} s over {count} {what}, pipelines of at most "
                      f"{meta['max_stages']} stages")
+        if "gap_bound_s" in meta:
+            gap = meta["gap_bound_s"]
+            lines.append("replicas split for their own speed or sync bounded; " + (
+                "optimal over every layer split too" if gap <= 0 else
+                f"a plan of the space is faster by at most {_s(gap)}"))
     return "\n".join(lines)
 
 
@@ -141,22 +146,24 @@ def _verify(plan, cfg, cluster, wl, as_json: bool) -> list:
         from rich.table import Table
 
         from hexjax.cli._console import table_console
-        t = Table(title="training state per device: cost model (float32) vs XLA (update program's arguments)",
-                  header_style="bold")
-        for name in ("rep", "st", "layers", "mesh", "predicted", "XLA", "XLA / predicted",
-                     "predicted activations", "XLA activations"):
-            t.add_column(name, justify="right")
-        from hexjax.plan import format_layers, format_mesh
         from hexjax.models.config import format_bytes as fb
+        from hexjax.plan import format_layers, format_mesh
+        t = Table(title=f"memory per device: cost model vs XLA's analysis of the compiled training programs "
+                        f"({wl.dtype}, remat {wl.remat})", header_style="bold")
+        for name in ("rep", "st", "layers", "mesh", "state model", "state XLA", "ratio", "activations model",
+                     "activations XLA", "ratio", "total model", "total XLA", "ratio"):
+            t.add_column(name, justify="right")
         for c in checks:
             t.add_row(str(c.replica), str(c.stage), format_layers(*c.layers), format_mesh(c.dp, c.tp),
-                      fb(c.predicted_state_bytes), fb(c.xla_state_bytes), f"{c.state_ratio:.4f}",
-                      fb(c.predicted_activation_bytes), fb(c.xla_activation_bytes))
+                      fb(c.predicted_state_bytes), fb(c.xla_state_bytes), f"{c.state_ratio:.3f}",
+                      fb(c.predicted_activation_bytes), fb(c.xla_activation_bytes), f"{c.activation_ratio:.3f}",
+                      fb(c.predicted_total_bytes), fb(c.xla_total_bytes), f"{c.total_ratio:.3f}")
         con = table_console()
         con.print(t)
-        con.print("activations: XLA counts the runtime's stashed stage inputs and its largest forward/backward "
-                  "temporaries (its backward recomputes the stage's forward); the model counts a 1F1B executor "
-                  "that stashes layer activations")
+        con.print("ratio = XLA / model. state: the update program's arguments (parameters, AdamW moments, "
+                  "gradients); activations: min(S - s, M) microbatches' stash (the forward's outputs the backward "
+                  "reads) + the larger of the forward's and backward's temporaries (the last stage runs its forward "
+                  "inside its backward program)")
     return checks
 
 
@@ -175,10 +182,7 @@ def _finish(plan, pred, cfg, cluster, wl, title: str, written: list[str], as_jso
         d.update(extra or {})
         d["written"] = written
         if checks is not None:
-            d["verify"] = [{"replica": c.replica, "stage": c.stage, "predicted_state_bytes": c.predicted_state_bytes,
-                            "xla_state_bytes": c.xla_state_bytes, "state_ratio": c.state_ratio,
-                            "predicted_activation_bytes": c.predicted_activation_bytes,
-                            "xla_activation_bytes": c.xla_activation_bytes} for c in checks]
+            d["verify"] = [c.to_dict() for c in checks]
         typer.echo(json.dumps(d, indent=2))
     if not pred.fits:
         raise typer.Exit(1)

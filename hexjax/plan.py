@@ -502,7 +502,9 @@ class Plan:
         The layout rules (``layout_problems``), then the cluster's: its
         fingerprint, a stage's devices on one host, and memory, checked with
         ``workload``, else the plan's own workload, else one request of one
-        prompt token and one output token.
+        prompt token and one output token. A training plan (``training`` set)
+        is checked for training memory instead (``train_cost.predict`` with its
+        own ``TrainWorkload``, microbatches and batch shares).
         """
         from hexjax.search import cost
 
@@ -525,7 +527,9 @@ class Plan:
                     layout.append(at)
                 elif hosts and st.host and st.host != cluster.hosts[hosts[0]].name:
                     out.append(f"{at}: says host {st.host!r} but its devices are on {cluster.hosts[hosts[0]].name!r}")
-        if not layout:
+        if not layout and self.training is not None:
+            out += self._train_memory_problems(cfg, cluster, workload)
+        elif not layout:
             wl = workload or self.workload or Workload(1, 1, 1)
             pred = cost.predict(self, cfg, cluster, wl)
             for i, (rep, rp) in enumerate(zip(self.replicas, pred.replicas)):
@@ -537,6 +541,29 @@ class Plan:
                             f"{_gib(sp.activation_bytes)}) but {sp.host}'s devices allow {_gib(sp.capacity_bytes)} "
                             f"({cluster.hosts[cluster.host_of(st.devices[0])].device.name}, less the "
                             f"{cost.MEMORY_RESERVE_FRACTION:.0%} reserve); use more tp, fewer layers or a smaller batch")
+        return out
+
+    def _train_memory_problems(self, cfg, cluster, workload=None) -> list[str]:
+        """Stages of a training plan whose training memory (``train_cost``: parameters, gradients,
+        optimizer state, stashed activations, workspace) exceeds their devices' usable memory, checked with
+        ``workload`` when it is a ``TrainWorkload``, else the plan's own."""
+        from hexjax.search import cost, train_cost
+        from hexjax.workload import TrainWorkload
+        wl = workload if isinstance(workload, TrainWorkload) else self.training.workload
+        pred = train_cost.predict(self, cfg, cluster, wl)
+        out = []
+        for i, (rep, rp) in enumerate(zip(self.replicas, pred.replicas)):
+            for j, (st, sp) in enumerate(zip(rep.stages, rp.stages)):
+                if sp.memory_bytes > sp.capacity_bytes:
+                    out.append(
+                        f"replica {i} stage {j}: training needs {_gib(sp.memory_bytes)} per device (parameters "
+                        f"{_gib(sp.param_bytes)}, gradients {_gib(sp.grad_bytes)}, optimizer state "
+                        f"{_gib(sp.optimizer_bytes)}, stashed activations {_gib(sp.stash_bytes)} of "
+                        f"{sp.stash_microbatches} microbatch{'es' if sp.stash_microbatches > 1 else ''}, workspace "
+                        f"{_gib(sp.workspace_bytes)}) but {sp.host}'s devices allow {_gib(sp.capacity_bytes)} "
+                        f"({cluster.hosts[cluster.host_of(st.devices[0])].device.name}, less the "
+                        f"{cost.MEMORY_RESERVE_FRACTION:.0%} reserve), {_gib(sp.memory_bytes - sp.capacity_bytes)} "
+                        f"short; use more tp, fewer layers, more microbatches, remat full or a smaller batch")
         return out
 
     def validate(self, model_cfg, cluster, workload: Workload | None = None) -> None:

@@ -14,7 +14,9 @@ Per stage and microbatch (``b`` sequences, ``r = b / dp`` per device; ``b`` is
 a multiple of every stage's ``dp``, as the runtime requires)
     forward FLOPs ``l r T layer_flops(tp, (T + 1) / 2)``, plus ``2 h V_dev r T``
     for the LM head on the last stage (every position has a loss); backward 2x
-    forward, plus one more forward with full remat. Time is the larger of FLOPs
+    forward, plus one more forward with full remat (the runtime's backward reads
+    the forward's matmul outputs from its stash, and recomputes each layer
+    only under remat). Time is the larger of FLOPs
     over the device's rate at ``r T`` rows and the weights read by the forward
     and backward (and the recompute) over its memory bandwidth; the device's
     per-layer overhead is added for the forward and backward programs.
@@ -37,15 +39,18 @@ a multiple of every stage's ``dp``, as the runtime requires)
     back to back. A stage's *bubble* is ``T_r - M f_s``.
 
 Gradient synchronisation across replicas
-    Every replica holds every layer, so each layer's group is every replica,
-    on whatever host and mesh each keeps it: the group all-reduces the layer's
-    ``e``-byte gradient (ring, ``n`` replicas), ``2 (n - 1) / n`` of its bytes
-    over the slowest link the group crosses plus ``2 (n - 1)`` link latencies,
-    one layer (and embedding, head) after another. The model takes, for every
-    layer, the slowest link among the hosts the plan uses (the intra-host link
-    of each used host included, since replicas may share a host): exact when
-    the replicas keep a layer on hosts joined by that link, pessimistic when a
-    layer's holders happen to sit on a faster subset. One replica: none.
+    Every replica holds every layer, each on the host of the stage that has
+    it, so replicas of different layouts keep a layer on different hosts. Per
+    *unit* (each layer, the embedding with the first stage, the final norm and
+    head with the last) the ``n`` holders form a group that all-reduces the
+    unit's ``e``-byte gradient in a ring: ``2 (n - 1)`` steps, each sending
+    ``1/n`` of the bytes over every link of the ring at once, so a step takes
+    as long as its slowest link. The group is charged at the slowest link it
+    contains: between any two distinct hosts among the holders, and a host's
+    own link when it holds two or more of them (replicas sharing a host),
+    i.e. ``max_link 2 (n - 1) (α + bytes / (n β LINK_EFFICIENCY))``. Units are
+    synchronised one after another after the step's backward work. One
+    replica: none.
 
 Step time and batch shares
     ``step = max_r T_r(b_r) + sync``: the replicas run in parallel and then
@@ -60,12 +65,24 @@ Memory per device (must fit ``M (1 - reserve)``, as for serving)
     AdamW moments) plus ``4 p`` float32 master weights under mixed precision,
     where ``p`` is the stage's parameters per device (sharded over ``tp``,
     replicated over ``dp``); stashed activations of ``k = min(S - s, M)``
-    microbatches (1F1B keeps that many in flight on stage ``s`` of ``S``):
-    per layer and token ``(2h + 2q/tp + 2 kv_dev + 3f/tp) e`` plus the float32
-    attention scores ``(heads/tp) T 4`` without remat, the layer input ``h e``
-    with full remat; workspace: one microbatch's activations of one layer
-    (the backward's live set) and on the last stage the float32 logits and
-    their gradient ``2 r T V_dev 4``.
+    microbatches (1F1B keeps that many in flight on stage ``s`` of ``S``; the
+    last stage runs each microbatch's forward inside its backward program, so
+    it holds one): per layer and token ``(2h + 2q/tp + 2 kv_dev + 2f/tp) e`` plus
+    the float32 attention scores ``(heads/tp) T 4`` without remat (the layer
+    input and every matmul output the backward reads), the layer input ``h e``
+    with full remat, and 4 bytes of token ids on the first stage (the runtime
+    stashes exactly these: ``hexjax.train.step``); workspace, the backward's
+    temporaries for one microbatch: per layer and token
+    ``(2h + 2q/tp + 2 kv_dev + 2f/tp) 4 + 3 (heads/tp) T 4`` (a float32
+    cotangent or rebuilt value per stashed matmul output, and the rebuilt
+    softmax; on the last stage, whose program keeps the forward's values,
+    the probabilities and the scores' cotangent ``2 (heads/tp) T 4``), every
+    layer at once as XLA schedules the program, plus the
+    recomputed forward's stash with remat, and on
+    the last stage the float32 log-probabilities and their gradient over whole
+    rows ``2 r T V 4`` (a split vocabulary is gathered for the loss).
+    ``hexjax plan --task train --verify`` compares this with XLA's analysis of
+    the compiled programs.
 """
 
 from __future__ import annotations
@@ -109,14 +126,36 @@ def state_bytes_per_param(wl: TrainWorkload) -> tuple[int, int, int]:
 
 
 def activation_bytes_per_token_layer(cfg: ModelConfig, tp: int, wl: TrainWorkload, full: bool) -> float:
-    """Bytes of one token's activations in one layer: everything the backward needs (``full``), or
-    with remat only the layer input."""
+    """Bytes one token stashes per layer for the backward: without remat (``full``) the layer input and
+    every matmul output the backward reads, with remat only the layer input.
+
+    Without remat the runtime keeps what its backward reads of each layer's matmuls: the layer input
+    ``h`` (the attention norm is rebuilt from it), q, k and v before the rotary embedding
+    (``q/tp + 2 kv_dev``), the attention output ``q/tp`` and its projection ``h`` (with the input, the
+    MLP's residual stream), the MLP's gate and up projections ``2 f/tp``, all in the compute dtype, and
+    the float32 attention scores ``(heads/tp) T`` (softmax, norms and SiLU are rebuilt, elementwise)."""
     e = wl.dtype_bytes
     if not full:
         return cfg.hidden_size * e
     kv = cost.kv_heads_per_device(cfg, tp) * cfg.head_dim
-    per = (2 * cfg.hidden_size + 2 * cfg.q_size / tp + 2 * kv + 3 * cfg.intermediate_size / tp) * e
+    per = (2 * cfg.hidden_size + 2 * cfg.q_size / tp + 2 * kv + 2 * cfg.intermediate_size / tp) * e
     return per + (cfg.num_heads / tp) * wl.seq_len * 4
+
+
+def backward_bytes_per_token_layer(cfg: ModelConfig, tp: int, wl: TrainWorkload, fused: bool) -> float:
+    """Temporaries one token needs per layer in a backward program without remat.
+
+    A backward program that reads a stash (every stage but the last) rebuilds the softmax from the
+    stashed scores (exponentials, their normaliser, the probabilities: float32 ``3 (heads/tp) T``) and
+    holds one float32 value per stashed matmul output (its cotangent or the elementwise value rebuilt from
+    it). The last stage runs its forward in the same program (``fused``): the forward's values are its
+    stash, and the backward adds the float32 probabilities and the scores' cotangent, ``2 (heads/tp) T``."""
+    scores = (cfg.num_heads / tp) * wl.seq_len * 4
+    if fused:
+        return 2 * scores
+    kv = cost.kv_heads_per_device(cfg, tp) * cfg.head_dim
+    per = 2 * cfg.hidden_size + 2 * cfg.q_size / tp + 2 * kv + 2 * cfg.intermediate_size / tp
+    return 4 * per + 3 * scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +202,9 @@ def stage_train_cost(cfg: ModelConfig, device: DeviceSpec, intra_bw: float, intr
     vocab_dev = cost.vocab_per_device(cfg, tp)
     vocab_split = vocab_dev != cfg.vocab_size
     flops_rate, bw_rate, link_eff, overhead = cost.rates(device, e, r * T)
-    passes = 3 + (1 if remat else 0)               # forward, backward = 2 forwards, recompute
+    # as the runtime runs it: forward, backward = 2 forwards from the stash, and with remat each layer's
+    # forward once more inside the backward
+    passes = 3 + (1 if remat else 0)
     fwd = l * r * T * cost.layer_flops_per_device(cfg, tp, (T + 1) / 2)
     if last:
         fwd = fwd + 2 * h * vocab_dev * r * T
@@ -186,10 +227,16 @@ def stage_train_cost(cfg: ModelConfig, device: DeviceSpec, intra_bw: float, intr
         comm = comm + _allreduce(params * gb, dp, intra_bw, intra_lat, link_eff)
     if hop_link is not None:
         comm = comm + 2 * cost.hop_s(microbatch * T * h * e, *hop_link)
-    stash_b = stash * l * r * T * activation_bytes_per_token_layer(cfg, tp, wl, full=not remat)
-    work = r * T * activation_bytes_per_token_layer(cfg, tp, wl, full=True)
-    if last:
-        work = work + 2 * r * T * vocab_dev * cost.LOGIT_BYTES
+    stash_b = stash * r * T * (l * activation_bytes_per_token_layer(cfg, tp, wl, full=not remat) + (4 if first else 0))
+    # the backward program's temporaries: XLA rebuilds every layer's values before the layers' transposes
+    # use them, so they scale with the layer count; with remat each layer's recomputed forward (its stash
+    # without remat) comes on top
+    per_layer = backward_bytes_per_token_layer(cfg, tp, wl, fused=last)
+    if remat:
+        per_layer = per_layer + activation_bytes_per_token_layer(cfg, tp, wl, full=True)
+    work = l * r * T * per_layer
+    if last:   # the loss's log-softmax and its gradient see whole rows: a split vocabulary is gathered
+        work = work + 2 * r * T * cfg.vocab_size * cost.LOGIT_BYTES
     return StageTrainCost(compute, comm, params * pb, params * gb, params * ob, stash_b, work + 0 * l,
                           cost.usable_memory_bytes(device))
 
@@ -212,25 +259,55 @@ def grad_bytes_per_layer(cfg: ModelConfig, wl: TrainWorkload) -> list[float]:
     return units
 
 
-def sync_s(cfg: ModelConfig, wl: TrainWorkload, replicas: int, bandwidth: float, latency: float) -> float:
-    """Gradient synchronisation of ``replicas`` replicas over a link of ``bandwidth`` and ``latency``."""
-    if replicas <= 1:
+def unit_hosts(layer_counts, hosts) -> tuple[int, ...]:
+    """The host holding each synchronised unit (layers in order, then the embedding, then the head) in a
+    replica whose stage ``s`` has ``layer_counts[s]`` layers on host ``hosts[s]``."""
+    out = [h for n, h in zip(layer_counts, hosts) for _ in range(n)]
+    return tuple(out) + (hosts[0], hosts[-1])
+
+
+def replica_unit_hosts(replica, cluster) -> tuple[int, ...]:
+    return unit_hosts([st.layers[1] - st.layers[0] for st in replica.stages],
+                      [cluster.host_of(st.devices[0]) for st in replica.stages])
+
+
+def link_allreduce_s(cluster, a: int, b: int, nbytes: float, n: int) -> float:
+    """A ring all-reduce of ``nbytes`` over ``n`` members, every step paced by the link between hosts ``a``
+    and ``b`` (the host's own link when ``a == b``)."""
+    return _allreduce(nbytes, n, cluster.host_bandwidth(a, b), cluster.host_latency(a, b), cost.LINK_EFFICIENCY)
+
+
+def group_sync_s(cluster, holders, nbytes: float) -> float:
+    """One unit's all-reduce among replicas keeping it on ``holders`` (a host per replica): the slowest link
+    of the group."""
+    n = len(holders)
+    if n <= 1:
         return 0.0
-    return sum(_allreduce(b, replicas, bandwidth, latency, cost.LINK_EFFICIENCY)
-               for b in grad_bytes_per_layer(cfg, wl))
-
-
-def slowest_link(cluster, hosts) -> tuple[float, float]:
-    """``(bandwidth, latency)`` the gradient sync of replicas on ``hosts`` is charged: the least bandwidth
-    and the largest latency among the used hosts' own links and the links between them."""
-    hosts = sorted(set(hosts))
-    bws = [cluster.hosts[h].intra_bandwidth_Bps for h in hosts]
-    lats = [cluster.hosts[h].intra_latency_s for h in hosts]
+    hosts = sorted(set(holders))
+    worst = max((link_allreduce_s(cluster, h, h, nbytes, n) for h in hosts if holders.count(h) > 1), default=0.0)
     for i, a in enumerate(hosts):
         for b in hosts[i + 1:]:
-            bws.append(cluster.host_bandwidth(a, b))
-            lats.append(cluster.host_latency(a, b))
-    return min(bws), max(lats)
+            worst = max(worst, link_allreduce_s(cluster, a, b, nbytes, n))
+    return worst
+
+
+def sync_s(cfg: ModelConfig, wl: TrainWorkload, cluster, replica_units) -> float:
+    """Gradient synchronisation of replicas keeping their units on ``replica_units`` (one
+    :func:`unit_hosts` tuple per replica): every unit's group in turn."""
+    if len(replica_units) <= 1:
+        return 0.0
+    return sum(group_sync_s(cluster, [r[u] for r in replica_units], nbytes)
+               for u, nbytes in enumerate(grad_bytes_per_layer(cfg, wl)))
+
+
+def least_sync_s(cfg: ModelConfig, wl: TrainWorkload, cluster, n: int) -> float:
+    """A lower bound on the synchronisation of any ``n`` replicas: every unit over the cluster's fastest link."""
+    if n <= 1:
+        return 0.0
+    H = cluster.num_hosts
+    pairs = [(a, b) for a in range(H) for b in range(a, H) if a != b or cluster.hosts[a].count > 1]
+    return sum(min((link_allreduce_s(cluster, a, b, nbytes, n) for a, b in pairs), default=0.0)
+               for nbytes in grad_bytes_per_layer(cfg, wl))
 
 
 def dollars_per_million_tokens(price_per_hour: float, tokens_per_s: float) -> float:
@@ -350,8 +427,7 @@ def predict(plan, cfg: ModelConfig, cluster, wl: TrainWorkload, microbatches: in
     M = microbatches or plan.microbatches or 1
     rows = replica_rows or plan.replica_rows or even_rows(wl.global_batch, len(plan.replicas))
     reps = tuple(predict_replica(r, cfg, cluster, wl, n, M) for r, n in zip(plan.replicas, rows))
-    hosts = {cluster.host_of(d) for d in plan.devices}
-    sync = sync_s(cfg, wl, len(reps), *slowest_link(cluster, hosts)) if len(reps) > 1 else 0.0
+    sync = sync_s(cfg, wl, cluster, [replica_unit_hosts(r, cluster) for r in plan.replicas])
     step = max(r.pipeline_s for r in reps) + sync
     tps = wl.tokens_per_step / step
     price = sum(r.price_per_hour for r in reps)

@@ -440,5 +440,8 @@ def test_bf16_mixed_precision_tracks_fp32(start_params, ref_run):
                 assert jax.tree.map(lambda a: a.sharding, mu) == jax.tree.map(lambda a: a.sharding, st.params[k])
     first = tr.replicas[0][0]
     x = jax.device_put(np.asarray(data[0][:4, :-1], np.int32), first.step.input_sharding)
-    assert first.step.fwd(first.params, x).dtype == jnp.bfloat16   # activations cross stages in bf16
+    y, stash = first.step.fwd(first.params, x)
+    assert y.dtype == jnp.bfloat16   # activations cross stages in bf16
+    assert {a.dtype for a in jax.tree.leaves(stash) if jnp.issubdtype(a.dtype, jnp.floating)} <= {
+        jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}   # matmul outputs in bf16, attention scores in float32
     assert tr.replicas_in_sync()

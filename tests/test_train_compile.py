@@ -10,8 +10,10 @@ import pytest
 from hexjax.errors import ConfigError
 from hexjax.models.config import ModelConfig
 from hexjax.plan import Plan, Replica, Stage
+from hexjax.search import train_cost
 from hexjax.train import one_f_one_b
 from hexjax.train.schedule import max_live_activations
+from hexjax.workload import TrainWorkload
 
 TINY = ModelConfig.load("tiny")
 # uneven: 1 layer + embed on one device, 2 layers with tp=2, 1 layer + head with dp=2
@@ -58,9 +60,18 @@ def test_dump_hlo_task_train(tmp_path, capsys):
         # the 1F1B stash bound the records carry holds in the schedule
         assert recs[s]["bwd"]["stash_microbatches"] == min(3 - s, m) == live[s]
         rows = batch // m // st.dp
-        assert recs[s]["bwd"]["stash_bytes"] == live[s] * rows * seq * (4 if s == 0 else TINY.hidden_size * 4)
-    # the bwd recomputes the forward: more FLOPs than the forward
-    assert all(recs[s]["bwd"]["flops"] > 2 * recs[s]["fwd"]["flops"] for s in recs)
+        if s < 2:   # the forward's outputs the backward reads: the cost model's stash, from the layer's ops
+            wl = TrainWorkload(seq_len=seq, global_batch=batch, microbatches=(m,), dtype="float32")
+            l = st.layers[1] - st.layers[0]
+            per_token = l * train_cost.activation_bytes_per_token_layer(TINY, st.tp, wl, full=True) + (4 if s == 0 else 0)
+            assert recs[s]["bwd"]["stash_bytes"] == live[s] * rows * seq * per_token
+        else:       # the last stage keeps its input until its fused forward and backward
+            assert recs[s]["bwd"]["stash_bytes"] == live[s] * rows * seq * TINY.hidden_size * 4
+    # the backward reads the forward's matmul outputs and recomputes none: about 2x the forward's FLOPs;
+    # the last stage's backward program runs its forward too
+    for s in (0, 1):
+        assert 1.5 * recs[s]["fwd"]["flops"] < recs[s]["bwd"]["flops"] < 2.5 * recs[s]["fwd"]["flops"], s
+    assert recs[2]["bwd"]["flops"] > 2.5 * recs[2]["fwd"]["flops"]
     with pytest.raises(ConfigError, match="needs --seq-len and --global-batch"):
         dump_hlo_cmd(None, tmp_path / "plan.json", None, tmp_path / "x", None, None, None, None, None,
                      as_json=True, task="train")

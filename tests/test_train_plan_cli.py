@@ -17,11 +17,11 @@ HEX8 = ROOT / "examples/clusters/hexgen-8gpu.toml"
 def test_plan_train_json_then_explain(hexjax, tmp_path):
     out = tmp_path / "t.json"
     code, stdout, err = hexjax("plan", "--task", "train", "--cluster", MIX, "--model", "llama-2-13b",
-                               "--seq-len", 2048, "--global-batch", 32, "--remat", "full", "--out", out, "--json")
+                               "--seq-len", 512, "--global-batch", 32, "--remat", "full", "--out", out, "--json")
     assert code == 0, err
     d = json.loads(stdout)
     assert d["task"] == "train" and sum(d["replica_rows"]) == 32
-    assert d["prediction"]["tokens_per_s"] == pytest.approx(32 * 2048 / d["prediction"]["step_s"])
+    assert d["prediction"]["tokens_per_s"] == pytest.approx(32 * 512 / d["prediction"]["step_s"])
     plan = Plan.load(out)
     assert plan.training.replica_rows == tuple(d["replica_rows"])
     for s in d["stages"]:

@@ -100,9 +100,10 @@ def test_oracle_problems_reach_long_pipelines_and_several_replicas(default_shape
     long_pipes = sum(1 for s in feasible if s[1] >= 3)
     four = sum(1 for s in feasible if s[1] == 4)
     several = sum(1 for s in feasible if s[0] >= 2)
-    # measured: 26 of 32 have a plan; of those 10 have a 3- or 4-stage pipeline (5 with 4), 6 several replicas
+    # measured (activations priced as the runtime stashes them and XLA's backward temporaries): 23 of 32 have
+    # a plan; of those 8 have a 3- or 4-stage pipeline (4 with 4), 8 several replicas
     got = (len(feasible), long_pipes, four, several)
-    assert got[0] >= 24 and got[1] >= 9 and got[2] >= 4 and got[3] >= 6, got
+    assert got[0] >= 23 and got[1] >= 8 and got[2] >= 4 and got[3] >= 6, got
 
 
 @pytest.mark.parametrize("seed", [0, 3, 7, 10, 13, 21])
@@ -168,14 +169,47 @@ def test_stash_follows_one_f_one_b_and_remat_shrinks_it():
                for a, b in zip(full.replicas[0].stages, remat.replicas[0].stages))
 
 
-def test_gradient_sync_charges_the_slowest_link_of_the_used_hosts():
-    cluster = Cluster.load(ROOT / "examples/clusters/hexgen-full.toml")
-    zones = {h.zone for h in cluster.hosts}
-    assert len(zones) > 1
-    one_zone = [i for i, h in enumerate(cluster.hosts) if h.zone == cluster.hosts[0].zone]
-    assert train_cost.slowest_link(cluster, one_zone[:2])[0] == cluster.network_bandwidth_Bps
-    other = next(i for i, h in enumerate(cluster.hosts) if h.zone != cluster.hosts[0].zone)
-    assert train_cost.slowest_link(cluster, [0, other])[0] == cluster.host_bandwidth(0, other)
+def _sync_cluster():
+    dev = DeviceSpec("d", 10 * 2**30, 1e12, 1e11, 1e9, 1.0)
+    hosts = (Host("a", dev, 1, "x", 0, 1e11, 1e-6), Host("b", dev, 2, "x", 1, 2e11, 2e-6),
+             Host("c", dev, 1, "y", 3, 1e11, 1e-6))
+    return Cluster(hosts, network_bandwidth_Bps=1e10, network_latency_s=1e-5, cross_zone_bandwidth_Bps=1e8,
+                   cross_zone_latency_s=1e-3)
+
+
+def _ring(nbytes, n, bw, lat):
+    """A ring all-reduce written out: 2 (n - 1) steps of nbytes / n over a link at 80% of its bandwidth."""
+    return 2 * (n - 1) * (lat + nbytes / n / (bw * 0.8))
+
+
+def test_gradient_sync_charges_each_units_group_at_its_slowest_link():
+    """Per unit, the replicas holding it form the group: replica 0 keeps layers 0-2 (and the embedding) on host
+    a and 3-5 (and the head) on c, replica 1 everything on b. Layers 0-2 sync over a-b (same zone), 3-5 over
+    b-c (cross zone); a third replica on b's other device puts b's own link into every group."""
+    cfg = ModelConfig("sync", 256, 64, 128, 6, 4, 2)
+    cluster = _sync_cluster()
+    wl = TrainWorkload(seq_len=8, global_batch=4)
+    r0 = Replica((Stage((0, 3), (0,), 1, 1, "a"), Stage((3, 6), (3,), 1, 1, "c")))
+    r1 = Replica((Stage((0, 6), (1,), 1, 1, "b"),))
+    r2 = Replica((Stage((0, 6), (2,), 1, 1, "b"),))
+    layer, embed, head = (train_cost.grad_bytes_per_layer(cfg, wl)[k] for k in (0, -2, -1))
+    same, cross = (1e10, 1e-5), (1e8, 1e-3)
+    two = [r0, r1]
+    want = 3 * _ring(layer, 2, *same) + 3 * _ring(layer, 2, *cross) + _ring(embed, 2, *same) + _ring(head, 2, *cross)
+    plan = Plan(cfg.name, cluster.fingerprint(), tuple(two), None, "train throughput", 4)
+    got = train_cost.predict(plan, cfg, cluster, wl, 1, (2, 2)).sync_s
+    assert got == pytest.approx(want, rel=1e-12)
+    # the whole plan's slowest link for every unit would charge more
+    assert got < 0.7 * (6 * _ring(layer, 2, *cross) + _ring(embed, 2, *cross) + _ring(head, 2, *cross))
+    three = Plan(cfg.name, cluster.fingerprint(), (r0, r1, r2), None, "train throughput", 4)
+    intra = (2e11, 2e-6)
+    want3 = (3 * max(_ring(layer, 3, *same), _ring(layer, 3, *intra)) + 3 * _ring(layer, 3, *cross)
+             + max(_ring(embed, 3, *same), _ring(embed, 3, *intra)) + _ring(head, 3, *cross))
+    assert train_cost.predict(three, cfg, cluster, wl, 1, (2, 1, 1)).sync_s == pytest.approx(want3, rel=1e-12)
+    # two replicas on host b alone: b's own link only
+    both_b = Plan(cfg.name, cluster.fingerprint(), (r1, r2), None, "train throughput", 4)
+    want_b = 6 * _ring(layer, 2, *intra) + _ring(embed, 2, *intra) + _ring(head, 2, *intra)
+    assert train_cost.predict(both_b, cfg, cluster, wl, 1, (2, 2)).sync_s == pytest.approx(want_b, rel=1e-12)
 
 
 # ---- plans ----
@@ -243,3 +277,115 @@ def test_workload_validation():
     w = TrainWorkload(8, 6, microbatches=(1, 2, 4, 8))
     assert w.microbatches == (1, 2, 4)
     assert TrainWorkload.from_dict(w.to_dict()) == w
+
+
+def test_solver_console_output_stays_off_stdout():
+    """HiGHS can print diagnostics with the C library whatever its options; `plan --json` prints on stdout."""
+    import subprocess
+    import sys
+    code = ("import ctypes\nfrom hexjax.search.milp import native_stdout_to_stderr\n"
+            "with native_stdout_to_stderr():\n    ctypes.CDLL(None).printf(b'solver says hi\\n')\nprint('{}')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "{}\n" and "solver says hi" in r.stderr, r
+
+
+# ---- the pipeline search's bounds and limits (large clusters) against plain enumeration ----
+
+def _every_footprint(cfg, cluster, wl, search, max_stages=4):
+    from hexjax.search import cost
+    from hexjax.search.planner import footprints
+    usable = [cost.usable_memory_bytes(cluster.hosts[k.hosts[0]].device) for k in search.sym.classes]
+    return footprints(search.sym, max_stages, usable, state_bytes(cfg, wl))
+
+
+def test_share_bounds_never_exceed_the_exact_pipeline_time():
+    """The closed-form bound on ``T`` (pieces' least per-layer work and room, hops) against the exact branch and
+    bound of every footprint, M and b: at most ``T`` where a pipeline fits, and the bound for ``b`` at most ``T``
+    at every larger ``b'`` too (what lets the search stop raising ``b``)."""
+    import numpy as np
+    from hexjax.search.space import host_classes
+    from hexjax.search.train_search import TrainPipelines, _share_bound
+    checked = tight = 0
+    for seed in range(12):
+        cfg, cluster, wl = problem(seed)
+        search = TrainPipelines(cfg, cluster, host_classes(cluster), wl, Constraints())
+        B = wl.global_batch
+        fps = _every_footprint(cfg, cluster, wl, search)
+        for P in {len(f) for f in fps}:
+            level = [f for f in fps if len(f) == P]
+            fill, tau, fill_up, tau_up, path, hop, fits, fits_up = search.lower_bounds(level, B)
+            for i, fp in enumerate(level):
+                for M in wl.microbatches:
+                    nb = B // M
+                    sl = np.s_[i, :nb]
+                    lb = np.where(fits[min(M, 2) - 1][sl], _share_bound(fill[sl], tau[sl], path[sl], hop[sl], M), np.inf)
+                    up = np.where(fits_up[min(M, 2) - 1][sl],
+                                  _share_bound(fill_up[sl], tau_up[sl], path[sl], hop[sl], M), np.inf)
+                    T = [getattr(search.best(fp, M, b), "step_s", np.inf) for b in range(1, nb + 1)]
+                    for b in range(nb):
+                        if np.isfinite(T[b]):
+                            checked += 1
+                            tight += lb[b] >= 0.8 * T[b]
+                        assert lb[b] <= T[b] * (1 + 1e-9), (seed, fp, M, b + 1, lb[b], T[b])
+                        assert up[b] <= min(T[b:]) * (1 + 1e-9), (seed, fp, M, b + 1, up[b], T[b:])
+    # measured: 634 feasible (footprint, M, b), the bound within 20% of T for 557 of them
+    assert checked >= 600 and tight >= 0.8 * checked, (checked, tight)
+
+
+def _plain_candidates(cfg, cluster, wl, sym, constraints):
+    """Every footprint's fastest pipeline for every M and b: no bound, no limit."""
+    from hexjax.search.train_search import TrainPipelines, _undominated
+    search = TrainPipelines(cfg, cluster, sym, wl, constraints)
+    found = [got for fp in _every_footprint(cfg, cluster, wl, search) for M in wl.microbatches
+             for b in range(1, wl.global_batch // M + 1) if (got := search.best(fp, M, b)) is not None]
+    return _undominated(found, sym)
+
+
+@pytest.mark.parametrize("seed,objective,budget", [(s, "throughput", None) for s in range(12)]
+                         + [(s, "cost", None) for s in (0, 3, 7)] + [(s, "throughput", 0.6) for s in (0, 4)])
+def test_bounded_candidates_give_the_plain_enumerations_optimum(seed, objective, budget):
+    """What the large-cluster search keeps (footprints and shares under the best plan so far, by the bounds)
+    against every footprint, M and b: the integer programs reach the same value from both."""
+    from hexjax.search.space import host_classes
+    from hexjax.search.train_search import _combine, candidates
+    cfg, cluster, wl = problem(seed)
+    sym = host_classes(cluster)
+    got = []
+    for cands in (candidates(cfg, cluster, wl, 4, sym, Constraints(), None, objective, budget)[0],
+                  _plain_candidates(cfg, cluster, wl, sym, Constraints())):
+        best = _combine(cands, sym, cfg, cluster, wl, objective, budget, Constraints()) if cands else None
+        got.append(None if best is None else best[0])
+    assert (got[0] is None) == (got[1] is None), (seed, got)
+    if got[1] is not None:
+        assert got[0] == pytest.approx(got[1], rel=1e-9), (seed, objective, got)
+
+
+def test_footprints_with_room_are_the_enumeration_filtered_by_room():
+    """Pruned enumeration (pieces that cannot hold every layer between them are not explored) against the full
+    one filtered afterwards."""
+    from hexjax.search import cost
+    from hexjax.search.planner import footprints
+    from hexjax.search.space import host_classes
+    from hexjax.search.train_search import TrainPipelines
+    cluster = Cluster.load(ROOT / "examples/clusters/hexgen-full.toml")
+    cfg, wl = ModelConfig.preset("llama-2-13b"), TrainWorkload(seq_len=4096, global_batch=8, remat="full")
+    sym = host_classes(cluster)
+    search = TrainPipelines(cfg, cluster, sym, wl, Constraints())
+    room = {(k.index, u): int(search.piece_bound(k.index, u, 8)[3][0]) for k in sym.classes
+            for u in range(1, k.count + 1)}
+    usable = [cost.usable_memory_bytes(cluster.hosts[k.hosts[0]].device) for k in sym.classes]
+    every = footprints(sym, 3, usable, state_bytes(cfg, wl))
+    want = [f for f in every if all(room[p] >= 1 for p in f) and sum(room[p] for p in f) >= cfg.num_layers]
+    got = footprints(sym, 3, usable, state_bytes(cfg, wl), room, cfg.num_layers)
+    assert sorted(got) == sorted(want) and 0 < len(got) < len(every), (len(got), len(want), len(every))
+
+
+def test_automatic_max_stages_keeps_four_stages_and_more_when_the_model_needs_them():
+    from hexjax.search.space import host_classes
+    from hexjax.search.train_search import auto_max_stages
+    full = Cluster.load(ROOT / "examples/clusters/hexgen-full.toml")
+    big = Cluster.load(ROOT / "examples/clusters/synthetic-320.toml")
+    assert auto_max_stages(host_classes(full), full.num_devices) == 4
+    assert auto_max_stages(host_classes(full), full.num_devices, floor=6) == 6
+    assert auto_max_stages(host_classes(big), big.num_devices) == 2       # 409,164 footprints at 3 stages
+    assert auto_max_stages(host_classes(big), big.num_devices, floor=5) == 5

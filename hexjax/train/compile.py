@@ -11,7 +11,10 @@ backward run once per microbatch, the update once per step.
 Beside XLA's figures each record carries hexjax's own accounting per device
 (``param_bytes``; the update's arguments are parameters + 2 AdamW moments + gradients)
 and the 1F1B bound on stashed activations: stage ``s`` of ``S`` keeps at most
-``min(S - s, M)`` microbatch inputs alive between their forward and backward.
+``min(S - s, M)`` microbatches' stashes (the forward's outputs but ``y``: what the
+backward reads) alive between their forward and backward. The last stage runs
+its forward inside its backward program, so its one microbatch's residuals are
+among that program's temporaries and its stash is the stage input alone.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ class TrainCompile(XlaRecord):
     replica: int
     stage: int
     program: str
-    """"fwd", "bwd" (recomputes the forward inside a vjp) or "update" (AdamW)."""
+    """"fwd" (forward and stash; the loss on the last stage), "bwd" (vjp from the stash; the fused forward
+    and backward on the last stage) or "update" (AdamW)."""
     devices: tuple[int, ...]
     dp: int
     tp: int
@@ -47,9 +51,10 @@ class TrainCompile(XlaRecord):
     param_bytes: int
     """Parameters of the stage per device (hexjax's accounting of the shardings)."""
     stash_microbatches: int
-    """1F1B bound on microbatch inputs stashed between forward and backward: min(S - s, M)."""
+    """1F1B bound on microbatches stashed between forward and backward: min(S - s, M)."""
     stash_bytes: int
-    """That many stage inputs (token ids or hidden states), per device."""
+    """That many microbatches' stashes per device: the forward's residual outputs (the stage input on the
+    last stage, whose backward program recomputes nothing but keeps its residuals as temporaries)."""
 
     @property
     def name(self) -> str:
@@ -97,6 +102,7 @@ def compile_train(plan, cfg: ModelConfig, seq_len: int, global_batch: int, micro
     total = sum(len(r.stages) for r in plan.replicas) * len(programs)
     out: list[TrainCompile] = []
     done: dict = {}
+    per_mb: dict = {}     # one microbatch's stash per device, per stage shape
     for ri, rep in enumerate(plan.replicas):
         mb = rows[ri] // microbatches
         n_stages = len(rep.stages)
@@ -113,32 +119,45 @@ def compile_train(plan, cfg: ModelConfig, seq_len: int, global_batch: int, micro
             scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=step.replicated)
             stash = min(n_stages - si, microbatches)
             shape_key = (kind, mb, seq_len)
+            stash_args, stash_mb, fwd_done = None, per_mb.get(shape_key, _per_device_bytes(x)), None
+            if not kind.head and ("fwd" in programs or "bwd" in programs) and shape_key not in per_mb:
+                # the backward's stash arguments are the forward's outputs, laid out as XLA chose
+                t0 = time.perf_counter()
+                lowered = step.fwd.lower(params, x)
+                fwd_done = (lowered, lowered.compile(), time.perf_counter() - t0)
+                stash_args = _abstract(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                                    fwd_done[1].out_info[1]), fwd_done[1].output_shardings[1])
+                stash_mb = per_mb[shape_key] = _per_device_bytes(stash_args)
             for prog in programs:
                 if progress is not None:
                     progress(len(out), total, f"r{ri}.s{si} {prog}")
                 key = shape_key + (prog,)
                 if key in done:
-                    out.append(dataclasses.replace(done[key], replica=ri, stage=si, devices=tuple(st.devices)))
+                    out.append(dataclasses.replace(done[key], replica=ri, stage=si, devices=tuple(st.devices),
+                                                   stash_microbatches=stash, stash_bytes=stash * stash_mb))
                     continue
                 if prog == "fwd":
                     fn, args = step.fwd, (params, x, targets) if kind.head else (params, x)
                 elif prog == "bwd":
                     fn = step.bwd
-                    args = (params, x, targets, scalar, params) if kind.head else (params, x, hidden, params)
+                    args = (params, x, targets, scalar, params) if kind.head else (params, stash_args, hidden, params)
                 elif prog == "update":
                     state = _abstract(step.abstract_state, step.state_shardings)
                     fn, args = step.update, (params, state, params, scalar)
                 else:
                     raise ValueError(f"unknown program {prog!r}; known: {', '.join(PROGRAMS)}")
-                lowered = fn.lower(*args)
-                t0 = time.perf_counter()
-                compiled = lowered.compile()
-                secs = time.perf_counter() - t0
+                if prog == "fwd" and fwd_done is not None:
+                    lowered, compiled, secs = fwd_done
+                else:
+                    lowered = fn.lower(*args)
+                    t0 = time.perf_counter()
+                    compiled = lowered.compile()
+                    secs = time.perf_counter() - t0
                 rec = TrainCompile(
                     replica=ri, stage=si, program=prog, devices=tuple(st.devices), dp=st.dp, tp=st.tp,
                     layers=(st.layers[0], st.layers[1]), micro_batch=mb, microbatches=microbatches,
                     seq_len=seq_len, param_bytes=_per_device_bytes(params), stash_microbatches=stash,
-                    stash_bytes=stash * _per_device_bytes(x), compile_s=secs, platform=step.devices[0].platform,
+                    stash_bytes=stash * stash_mb, compile_s=secs, platform=step.devices[0].platform,
                     stablehlo=lowered.as_text() if keep_text else "", hlo=compiled.as_text() if keep_text else "",
                     **xla_fields(compiled))
                 done[key] = rec
@@ -161,8 +180,9 @@ def summary_markdown(plan, cfg: ModelConfig, compiles: list[TrainCompile], seq_l
              "AdamW (2 moments per parameter).", "",
              "`fwd` and `bwd` run once per microbatch, `update` once per step. *expected args* is hexjax's "
              "accounting: fwd = params + input (+ targets), bwd = 2 x params (weights and the donated gradient "
-             "accumulator) + input + cotangent, update = params + 2 moments + gradients. *stash* is 1F1B's bound on "
-             "stage inputs kept for the backward: min(S - s, M) microbatches.", "",
+             "accumulator) + one microbatch's stash + cotangent (last stage: + input + targets), update = params + "
+             "2 moments + gradients. *stash* is 1F1B's bound on what the stage keeps for its backward: min(S - s, M) "
+             "microbatches of the forward's outputs (the last stage: of its input).", "",
              "| stage | program | layers | mesh | XLA FLOPs | XLA args | expected args | ratio | XLA temp | "
              "XLA peak | stash | compile s |",
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -189,8 +209,13 @@ def expected_argument_bytes(c: TrainCompile, cfg: ModelConfig, dtype: str) -> in
     hidden = rows * c.seq_len * cfg.hidden_size * item
     if c.program == "fwd":
         return c.param_bytes + x + (targets if c.layers[1] == cfg.num_layers else 0)
-    tail = targets + 4 if c.layers[1] == cfg.num_layers else hidden
-    return 2 * c.param_bytes + x + tail
+    if c.layers[1] == cfg.num_layers:     # the fused forward and backward of the last stage
+        return 2 * c.param_bytes + x + targets + 4
+    unused = 0
+    if c.stage == 0:    # the embedding's gradient needs only the token ids: jit drops the table's argument
+        from hexjax.search.cost import vocab_per_device
+        unused = vocab_per_device(cfg, c.tp) * cfg.hidden_size * 4      # float32 master weights
+    return 2 * c.param_bytes - unused + c.stash_bytes // max(c.stash_microbatches, 1) + hidden
 
 
 def dump_train_hlo(plan, cfg: ModelConfig, out_dir, seq_len: int, global_batch: int, microbatches: int, *,

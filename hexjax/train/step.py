@@ -1,14 +1,25 @@
 """One pipeline stage's training programs on its own ``(dp, tp)`` mesh.
 
-* ``fwd(params, x) -> y``: x is token ids [mb, S] (first stage) or hidden
-  [mb, S, H]; on the last stage ``fwd(params, x, targets) -> (loss_sum, count)``,
-  the summed token cross-entropy and the number of counted targets (>= 0).
-* ``bwd``: the vjp of the stage, recomputing its forward inside the program,
-  returning the parameter gradients added to a donated accumulator and the
-  cotangent of the input (None on the first stage, whose input is token ids).
-  The last stage's ``bwd`` runs its forward too and also returns the loss;
-  its loss is scaled by ``inv_tokens`` (one over the global token count) so
-  the accumulated gradients are those of the global mean.
+* ``fwd(params, x) -> (y, stash)``: x is token ids [mb, S] (first stage) or
+  hidden [mb, S, H]; ``stash`` is the list of activations the stage's backward
+  needs (the vjp residuals that depend on ``x``), kept by the pipeline until
+  that microbatch's backward. On the last stage ``fwd(params, x, targets) ->
+  (loss_sum, count)``, the summed token cross-entropy and the number of counted
+  targets (>= 0); ``infer(params, x) -> y`` is the forward alone (evaluation).
+* ``bwd``: the vjp of the stage from its stash, returning the parameter
+  gradients added to a donated accumulator and the cotangent of the input (None
+  on the first stage, whose input is token ids). Nothing of the forward's
+  matmuls is recomputed: without remat the stash holds every matmul's output
+  (``jax.checkpoint_policies.dots_saveable``; norms, rotary embedding, softmax
+  and SiLU, all elementwise, are recomputed from them), with ``remat`` it holds
+  each layer's input and every layer is run again inside the backward
+  (``jax.checkpoint`` per layer). Residuals that do not depend on ``x`` (the
+  weights, their compute-dtype casts, position tables, the causal mask) are
+  not stashed but rebuilt from the parameters inside ``bwd``.
+  The last stage's ``bwd`` fuses its forward and backward (1F1B runs them back
+  to back there) and also returns the loss; its loss is scaled by
+  ``inv_tokens`` (one over the global token count) so the accumulated
+  gradients are those of the global mean.
 * ``update``: the AdamW update of every key the stage holds, gradients scaled
   by the global clipping factor, parameters, state and gradients donated.
 
@@ -25,6 +36,7 @@ hands back gradients in the master dtype.  The loss is always float32.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +97,94 @@ def stage_apply(kind: StageKind, remat: bool):
     return apply
 
 
+def train_pieces(kind: StageKind, remat: bool, compute_dtype) -> list[tuple[tuple[str, ...], Any]]:
+    """The stage as a chain of ``(keys, fn(params, h, positions) -> h)``: the embedding (first stage), each decoder
+    layer, and on the last stage the final norm and LM head (``fn`` returns logits). ``params`` is the
+    master tree; each piece casts its weights to ``compute_dtype`` itself, so the casts are rebuilt in the
+    backward rather than stashed. Layers save their matmul outputs for the backward
+    (``dots_saveable``), or with ``remat`` nothing but their input."""
+    cfg, dt = kind.cfg, jnp.dtype(compute_dtype)
+    policy = None if remat else jax.checkpoint_policies.dots_saveable
+    embed = llama.Embed(cfg.vocab_size, cfg.hidden_size, dt, dt)
+
+    def cast(tree):
+        return jax.tree.map(lambda a: a.astype(dt), tree)
+
+    pieces: list = []
+    if kind.embed:
+        pieces.append((("embed",), lambda p, x, pos: embed.apply({"params": cast(p["embed"])}, x)))
+    for i in range(kind.first_layer, kind.first_layer + kind.num_layers):
+        name, layer = f"layer_{i}", llama.DecoderLayer(cfg, dt, dt, name=f"layer_{i}")
+
+        def run(p, h, pos, name=name, layer=layer):
+            return layer.apply({"params": cast(p[name])}, h.astype(dt), pos, None)[0]
+        pieces.append(((name,), jax.checkpoint(run, policy=policy)))
+    if kind.head:
+        norm, lm_head = llama.RMSNorm(cfg.rms_norm_eps, dt, dt), llama.LMHead(cfg.vocab_size, dt, dt)
+        tied = cfg.tie_word_embeddings
+
+        def head(p, h, pos):
+            h = norm.apply({"params": cast(p["final_norm"])}, h)
+            if tied:
+                return embed.apply({"params": cast(p["embed"])}, h, method=llama.Embed.attend)
+            return lm_head.apply({"params": cast(p["lm_head"])}, h)
+        pieces.append((("final_norm", "embed") if tied else ("final_norm", "lm_head"), head))
+    return pieces
+
+
+def _piece_vjp(fn, p, h, pos):
+    """``fn``'s output and vjp at ``(p, h)`` (``p`` alone when ``h`` holds token ids)."""
+    if jnp.issubdtype(h.dtype, jnp.floating):
+        return jax.vjp(lambda q, hh: fn(q, hh, pos), p, h)
+    return jax.vjp(lambda q: fn(q, h, pos), p)
+
+
+def _piece_residuals(fn, p, h, pos):
+    """``(y, leaves of fn's vjp)``: the piece's output and everything its backward reads."""
+    y, pull = _piece_vjp(fn, p, h, pos)
+    return y, jax.tree.leaves(pull)
+
+
+def chain_forward(pieces, params, x):
+    """Run the pieces on ``x``; returns the output and, per piece, the residuals that depend on its input
+    (the stash: weights, their casts, positions and masks are rebuilt by ``chain_backward``)."""
+    h, stash, pos = x, [], _positions(x)
+    for keys, fn in pieces:
+        p = {k: params[k] for k in keys}
+        y, leaves = _piece_residuals(fn, p, h, pos)
+        stash.append([a for a, k in zip(leaves, _depends_on_input(fn, p, h, pos)) if k])
+        h = y
+    return h, stash
+
+
+def chain_backward(pieces, params, x, stash, cot):
+    """The vjp of ``chain_forward``'s pieces from their stash: ``(gradients by key, cotangent of x)``.
+
+    Pieces are taken last to first. XLA schedules the program as a whole: on CPU it rebuilds every
+    layer's elementwise values (norms, softmax, SiLU) from the stash before their layers' transposes
+    need them, so the program's temporaries grow with the layer count."""
+    pos = _positions(x)
+    shapes = [x]
+    for keys, fn in pieces[:-1]:     # each piece's input, for shapes only
+        shapes.append(jax.eval_shape(fn, {k: params[k] for k in keys}, shapes[-1], pos))
+    grads: dict = {}
+    for (keys, fn), st, h in reversed(list(zip(pieces, stash, shapes))):
+        p = {k: params[k] for k in keys}
+        # the input only sets shapes here: every residual that depends on it comes from the stash, and
+        # XLA drops the forward's work on the placeholder as dead code
+        hz = jnp.zeros(h.shape, h.dtype)
+        _, pull = _piece_vjp(fn, p, hz, pos)
+        leaves, tree = jax.tree.flatten(pull)
+        it = iter(st)
+        keep = _depends_on_input(fn, p, hz, pos)
+        pull = jax.tree.unflatten(tree, [next(it) if k else a for a, k in zip(leaves, keep)])
+        out = pull(cot)
+        g, cot = (out[0], out[1]) if len(out) == 2 else (out[0], None)
+        for k, v in g.items():
+            grads[k] = jax.tree.map(jnp.add, grads[k], v) if k in grads else v
+    return grads, cot
+
+
 class StageStep:
     """Shardings and jitted training programs of one stage (see the module docstring)."""
 
@@ -119,39 +219,43 @@ class StageStep:
             def f(params, x):
                 return f_compute(jax.tree.map(lambda a: a.astype(cdt), params), x)
         ps, rep, inp = self.param_shardings, self.replicated, self.input_sharding
+        self.infer = jax.jit(f, in_shardings=(ps, inp), out_shardings=None if kind.head else self.hidden_sharding)
+        pieces = train_pieces(kind, remat, self.compute_dtype)
 
         if kind.head:
             def fwd(params, x, targets):
                 return token_loss(f(params, x), targets)
             self.fwd = jax.jit(fwd, in_shardings=(ps, inp, self.rows_sharding), out_shardings=(rep, rep))
 
+            body, head = pieces[:-1], pieces[-1]
+
             def bwd(params, x, targets, inv_tokens, acc):
-                def scaled(p, xx):
-                    loss, count = token_loss(f(p, xx), targets)
+                h, stash = chain_forward(body, params, x)
+
+                def scaled(p, hh):
+                    loss, count = token_loss(head[1](p, hh, None), targets)
                     return loss * inv_tokens, (loss, count)
-                if kind.embed:
-                    (_, (loss, count)), g = jax.value_and_grad(scaled, has_aux=True)(params, x)
-                    dx = None
-                else:
-                    (_, (loss, count)), (g, dx) = jax.value_and_grad(scaled, argnums=(0, 1), has_aux=True)(params, x)
-                acc = jax.tree.map(jnp.add, acc, g)
-                return acc, dx, loss, count
+                hp = {k: params[k] for k in head[0]}
+                (_, (loss, count)), (g, cot) = jax.value_and_grad(scaled, argnums=(0, 1), has_aux=True)(hp, h)
+                g_body, dx = chain_backward(body, params, x, stash, cot)
+                for k, v in g.items():     # a tied embedding has a gradient from both ends
+                    g_body[k] = jax.tree.map(jnp.add, g_body[k], v) if k in g_body else v
+                acc = {k: jax.tree.map(jnp.add, acc[k], g_body[k]) for k in acc}
+                return acc, None if kind.embed else dx, loss, count
             out = (ps, None if kind.embed else self.hidden_sharding, rep, rep)
             self.bwd = jax.jit(bwd, donate_argnums=(4,), in_shardings=(ps, inp, self.rows_sharding, rep, ps),
                                out_shardings=out)
         else:
-            self.fwd = jax.jit(f, in_shardings=(ps, inp), out_shardings=self.hidden_sharding)
+            # the stash keeps whatever layout XLA gives each residual (None: unconstrained)
+            self.fwd = jax.jit(lambda params, x: chain_forward(pieces, params, x), in_shardings=(ps, inp),
+                               out_shardings=(self.hidden_sharding, None))
 
-            def bwd(params, x, cot, acc):
-                if kind.embed:
-                    _, pull = jax.vjp(lambda p: f(p, x), params)
-                    (g,), dx = pull(cot), None
-                else:
-                    _, pull = jax.vjp(f, params, x)
-                    g, dx = pull(cot)
-                return jax.tree.map(jnp.add, acc, g), dx
+            def bwd(params, stash, cot, acc):
+                x = jnp.zeros(cot.shape[:2], jnp.int32) if kind.embed else jnp.zeros(cot.shape, cot.dtype)
+                g, dx = chain_backward(pieces, params, x, stash, cot)
+                return {k: jax.tree.map(jnp.add, acc[k], g[k]) for k in acc}, None if kind.embed else dx
             out = (ps, None if kind.embed else self.hidden_sharding)
-            self.bwd = jax.jit(bwd, donate_argnums=(3,), in_shardings=(ps, inp, self.hidden_sharding, ps),
+            self.bwd = jax.jit(bwd, donate_argnums=(3,), in_shardings=(ps, None, self.hidden_sharding, ps),
                                out_shardings=out)
 
         shapes = self.abstract_params
@@ -181,6 +285,24 @@ class StageStep:
         dt = self.master_dtype
         sub = {k: jax.tree.map(lambda a: np.asarray(a).astype(dt), params[k]) for k in self.keys}
         return jax.device_put(sub, self.param_shardings)
+
+
+def _depends_on_input(fn, params, x, pos) -> list[bool]:
+    """For each residual of the piece ``fn`` (``_piece_residuals``), whether its value depends on ``x``:
+    data flow over the traced program, a nested call's outputs depending on ``x`` when any of its inputs
+    does. Values that depend only on the parameters and positions can be rebuilt."""
+    from jax.extend.core import Var
+
+    def shape(a):
+        return jax.ShapeDtypeStruct(a.shape, a.dtype)
+    closed = jax.make_jaxpr(lambda p, h, q: _piece_residuals(fn, p, h, q))(
+        jax.tree.map(shape, params), shape(x), shape(pos))
+    jaxpr = closed.jaxpr
+    dep = {jaxpr.invars[len(jax.tree.leaves(params))]}
+    for eqn in jaxpr.eqns:
+        if any(isinstance(v, Var) and v in dep for v in eqn.invars):
+            dep.update(eqn.outvars)
+    return [isinstance(v, Var) and v in dep for v in jaxpr.outvars[1:]]
 
 
 @jax.jit

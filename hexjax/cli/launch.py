@@ -16,6 +16,7 @@ with ``--coordinator/--num-processes/--process-id`` or the job's environment
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -67,10 +68,22 @@ def launch(command: list[str], processes: int, devices_per_process: int, *, host
         out = None if (i == 0 or all_output) else subprocess.DEVNULL
         procs.append(subprocess.Popen(argv, env=env, stdout=out))
     start, failed_at, code = time.monotonic(), None, 0
+    # Ctrl-C reaches every process of the group: wait for them to stop by themselves (a server's process 0
+    # stops the others), then kill what is left after the grace
+    interrupted: list[float] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(time.monotonic()))
+    except ValueError:   # not the main thread
+        previous = None
     while True:
         codes = [p.poll() for p in procs]
         if all(c is not None for c in codes):
             break
+        if interrupted and failed_at is None:
+            failed_at = interrupted[0]
+            log(f"hexjax launch: interrupted; the processes get {grace_s:.0f} s to stop (again: kill now)")
+        if len(interrupted) > 1:
+            failed_at = time.monotonic() - grace_s
         bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
         now = time.monotonic()
         if bad and failed_at is None:
@@ -90,6 +103,8 @@ def launch(command: list[str], processes: int, devices_per_process: int, *, host
                 p.wait()
             break
         time.sleep(0.1)
+    if previous is not None:
+        signal.signal(signal.SIGINT, previous)
     codes = [p.returncode for p in procs]
     if any(c != 0 for c in codes):
         log("hexjax launch: run failed; exit codes per process: "

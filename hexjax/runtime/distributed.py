@@ -16,6 +16,11 @@ local shards.  What crosses processes:
 * results (``read``): the value goes through the key-value store so every
   process has it (tiny: tokens, losses).
 
+Serving (``hexjax.serve.multiprocess``): process 0 publishes each engine
+step's host inputs (``send_all``; the others take them with ``receive_all``),
+sampled tokens are read on process 0 only (``read_on``), and ``watch_peers``
+ends a process, with one line naming the peer, when another stops answering.
+
 A value published in the store is deleted by its owner once every reader has
 marked it read. Training (``Trainer(move=move, read=read)``) moves activations,
 their gradients, gradient sums, the clip factor and losses the same way.
@@ -163,6 +168,7 @@ def initialize(coordinator: str, num_processes: int, process_id: int, *, local_d
     _state["initialized"] = True
     _state["timeout_ms"] = int(transfer_timeout_s * 1000)
     _state["check_timeout_ms"] = int(initialization_timeout_s * 1000)
+    _state["heartbeat_s"] = float(heartbeat_timeout_s)
 
 
 def _cpu_run() -> bool:
@@ -276,6 +282,11 @@ def process_index() -> int:
     return jax.process_index()
 
 
+def num_processes() -> int:
+    import jax
+    return jax.process_count()
+
+
 def _client():
     from jax._src import distributed
     client = distributed.global_state.client
@@ -339,9 +350,10 @@ def _to_hosts(x, want=True) -> np.ndarray | None:
     readers = sorted(set(range(jax.process_count())) - {owner}) if want is True else sorted(set(want) - {owner})
     if me == owner:
         value = np.asarray(x) if x.is_fully_addressable else np.asarray(x.addressable_shards[0].data)
-        _client().key_value_set_bytes(key, value.tobytes())
-        _state["pending"].append((key, readers))
-        _collect()
+        if readers:   # nobody else wants it (a read for the owner alone): nothing to publish
+            _client().key_value_set_bytes(key, value.tobytes())
+            _state["pending"].append((key, readers))
+            _collect()
         return value
     if me not in readers:
         return None
@@ -535,6 +547,144 @@ def read(x) -> np.ndarray:
     if not isinstance(x, jax.Array) or jax.process_count() == 1:
         return np.asarray(x)
     return _to_hosts(x)
+
+
+# ---- one process decides, the others follow (serving across processes) ----
+
+class PeerLost(RuntimeError):
+    """Another process of the run is gone (or the coordination service with process 0)."""
+
+
+def read_on(x, process: int = 0) -> np.ndarray | None:
+    """``np.asarray(x)`` on ``process`` alone (None on the others), also for arrays on other processes'
+    devices.  Every process calls it for the same arrays in the same order."""
+    import jax
+    if not isinstance(x, jax.Array) or jax.process_count() == 1:
+        return np.asarray(x)
+    if _processes(x.sharding) == {process}:   # already there: nothing crosses processes
+        return np.asarray(x) if jax.process_index() == process else None
+    return _to_hosts(x, want=[process])
+
+
+def check_same(what: str, facts: dict) -> None:
+    """Every process holds the same ``facts`` (JSON-able settings); else ``ConfigError`` on every process,
+    naming the first process and field that differ from process 0's."""
+    import json
+    import jax
+    if not is_multiprocess():
+        return
+    me, n = jax.process_index(), jax.process_count()
+    key = f"hexjax/check/{what}/{next(_state['counter'])}"
+    client = _client()
+    client.key_value_set(f"{key}/{me}", json.dumps(facts, sort_keys=True, default=str))
+    ref = json.loads(client.blocking_key_value_get(f"{key}/0", _state["check_timeout_ms"]))
+    for p in range(1, n):
+        theirs = json.loads(client.blocking_key_value_get(f"{key}/{p}", _state["check_timeout_ms"]))
+        for field in sorted(set(ref) | set(theirs)):
+            if ref.get(field) != theirs.get(field):
+                raise ConfigError(f"process {p} runs {what} with {field} = {theirs.get(field)!r} but process 0 "
+                                  f"with {ref.get(field)!r}. Fix: start every process with the same options")
+
+
+def send_all(data: bytes) -> None:
+    """Process 0: publish ``data`` for every other process, which takes it with ``receive_all`` (the
+    n-th ``send_all`` pairs with the n-th ``receive_all``; other exchanges of this module count too)."""
+    import jax
+    key = f"hexjax/value/{next(_state['counter'])}"
+    readers = [p for p in range(jax.process_count()) if p != jax.process_index()]
+    _client().key_value_set_bytes(key, data)
+    _state["pending"].append((key, readers))
+    _collect()
+
+
+def receive_all(slice_s: float = 5.0) -> bytes:
+    """The bytes of the matching ``send_all`` of process 0; waits as long as it takes (an idle server
+    sends nothing), in slices of ``slice_s``.  ``PeerLost`` when the coordination service is gone."""
+    import jax
+    key = f"hexjax/value/{next(_state['counter'])}"
+    client = _client()
+    while True:
+        try:
+            data = client.blocking_key_value_get_bytes(key, int(slice_s * 1000))
+            break
+        except Exception as e:   # jax raises a plain runtime error: tell a timeout from a lost service
+            text = str(e)
+            if "DEADLINE_EXCEEDED" not in text:
+                raise PeerLost(f"lost process 0 (the coordination service): {text.splitlines()[0]}") from None
+    client.key_value_set(f"{key}/read/{jax.process_index()}", "1")
+    return data
+
+
+def barrier(name: str, timeout_s: float | None = None) -> None:
+    """Wait until every process reaches ``name`` (the start-up timeout unless told); ``ConfigError`` when
+    one does not."""
+    ms = int(timeout_s * 1000) if timeout_s is not None else _state["check_timeout_ms"]
+    try:
+        _client().wait_at_barrier(f"hexjax/barrier/{name}/{next(_state['counter'])}", ms)
+    except Exception as e:
+        raise ConfigError(f"not every process reached {name!r} within {ms / 1000:g} s "
+                          f"({str(e).splitlines()[0]}). Fix: start every process with the same command "
+                          "and files, and check the others' output") from None
+
+
+def watch_peers(timeout_s: float | None = None, period_s: float = 0.25, *, what: str = "run"):
+    """Start a thread that ends this process (exit code 1, one ``error:`` line naming the process) when
+    another process of the run shows no sign of life for ``timeout_s`` (default: half the heartbeat, so
+    it speaks before JAX's own abort), or when the coordination service (process 0) is gone.
+
+    Every process beats under ``hexjax/alive/`` every ``period_s``; start it on every process at the
+    same point (after a ``barrier``).  Returns a function that stops the watch (call it before an
+    orderly shutdown, when peers stop beating on purpose).
+    """
+    import threading
+    import time
+    import jax
+    me, n = jax.process_index(), jax.process_count()
+    timeout_s = timeout_s if timeout_s is not None else max(1.0, _state.get("heartbeat_s", 10.0) / 2)
+    client, done = _client(), threading.Event()
+
+    def lost(message: str) -> None:
+        if done.is_set():
+            return
+        print(f"error: {message}; this {what} cannot go on without it (process {me} of {n} stops). Fix: "
+              "find why it stopped in its own output, then restart every process of the run",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    def loop() -> None:
+        seen: dict[int, tuple[str | None, float]] = {}
+        beat = 0
+        while not done.wait(period_s):
+            beat += 1
+            try:
+                client.key_value_set(f"hexjax/alive/{me}", str(beat), allow_overwrite=True)
+                values = dict(client.key_value_dir_get("hexjax/alive/"))
+            except Exception as e:
+                lost(f"lost process 0: the coordination service it runs stopped answering "
+                     f"({str(e).splitlines()[0][:200]})")
+                return
+            now = time.monotonic()
+            for p in range(n):
+                if p == me:
+                    continue
+                v = values.get(f"hexjax/alive/{p}")
+                if p not in seen or seen[p][0] != v:
+                    seen[p] = (v, now)
+                elif now - seen[p][1] > timeout_s:
+                    lost(f"process {p} of the run stopped answering (no sign of life for {timeout_s:g} s)")
+                    return
+
+    thread = threading.Thread(target=loop, name="hexjax-peer-watch", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        done.set()
+        thread.join(timeout=5)
+        try:
+            client.key_value_delete(f"hexjax/alive/{me}")
+        except Exception:
+            pass
+    return stop
 
 
 def finish(wait_s: float = 10.0) -> int:

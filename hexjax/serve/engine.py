@@ -26,6 +26,11 @@ pool.  One scheduling iteration (``Engine.step``):
 
 ``Engine.generate`` runs requests to the end; ``Engine.stream`` is an async
 iterator fed by a background thread (``Engine.start``).
+
+Steps 1-2 only decide; what the programs take from the host is gathered into
+``StepCall``s first and then run (``Engine.run``), so that with stages on
+several processes, process 0 can hand each step's calls to the others
+(``hexjax.serve.multiprocess``).
 """
 
 from __future__ import annotations
@@ -378,17 +383,9 @@ class ReplicaEngine:
 
     # ---- issuing work ----
 
-    def _through(self, phase: str, x, args: tuple, tables, width: int):
-        for si in range(len(self.kinds)):
-            prog = self.program(si, x.shape[0], width)
-            x = jax.device_put(x, prog.input_sharding)
-            x, self.caches[si] = prog.compiled(phase)(self.params[si], self.caches[si], x, *args, tables[si])
-        return x
-
-    def prefill(self, chunks: list[tuple[Request, int]]):
-        """Issue one prefill chunk per row: ``(request, n)`` feeds the next ``n`` tokens of its context after
-        the ``request.computed`` already cached (pages reserved); returns the packed rows and the logits
-        [rows, V] at each chunk's end.
+    def prefill_call(self, chunks: list[tuple[Request, int]]) -> tuple[list[Request | None], "StepCall"]:
+        """One prefill chunk per row: ``(request, n)`` feeds the next ``n`` tokens of its context after the
+        ``request.computed`` already cached (pages reserved); returns the packed rows and the host inputs.
 
         Every chunk goes through the stage ``extend`` program (it attends over the rows' cached pages and
         the chunk), whether or not it starts its sequence: one program per shape, not two, so fewer compiles.
@@ -405,10 +402,10 @@ class ReplicaEngine:
                 ids[i, :n] = r.context[r.computed:r.computed + n]
                 start[i], last[i] = r.computed, n - 1
         positions = start[:, None] + np.arange(bucket, dtype=np.int32)[None, :]
-        return rows, self._through("extend", ids, (positions, last), self.tables(rows), bucket)
+        return rows, StepCall(self.index, "extend", bucket, ids, (positions, last), tuple(self.tables(rows)))
 
-    def decode(self, running: list[Request]):
-        """Issue one decode step of ``running`` (pages for the fed token reserved); returns (rows, logits)."""
+    def decode_call(self, running: list[Request]) -> tuple[list[Request | None], "StepCall"]:
+        """One decode step of ``running`` (pages for the fed token reserved): (rows, host inputs)."""
         rows = self.pack(running)
         x = np.zeros((len(rows), 1), np.int32)
         pos = np.zeros((len(rows),), np.int32)
@@ -416,12 +413,48 @@ class ReplicaEngine:
             if r is not None:
                 x[i, 0] = r.output[-1]
                 pos[i] = len(r.prompt) + len(r.output) - 1
-        return rows, self._through("decode", x, (pos,), self.tables(rows), self.buckets[0])
+        return rows, StepCall(self.index, "decode", self.buckets[0], x, (pos,), tuple(self.tables(rows)))
+
+    def issue(self, call: "StepCall", move=jax.device_put):
+        """Run ``call`` through every stage (asynchronously); the last stage's logits [rows, V].
+
+        ``move`` carries the input and the activations onto each stage's devices (``jax.device_put``, or
+        across processes ``hexjax.runtime.distributed.move``)."""
+        x = call.x
+        for si in range(len(self.kinds)):
+            prog = self.program(si, x.shape[0], call.width)
+            x = move(x, prog.input_sharding)
+            x, self.caches[si] = prog.compiled(call.phase)(self.params[si], self.caches[si], x, *call.args,
+                                                           call.tables[si])
+        return x
 
 
-def _sample(logits, rows: list[Request | None], reqs: list[Request], eos: int | None = None):
-    """Issue sampling of the rows of ``reqs`` (requests among ``rows``) from ``logits`` [rows, V]; returns the
-    device arrays (tokens [rows], logprobs or None)."""
+@dataclasses.dataclass
+class StepCall:
+    """The host inputs of one replica's program run in a step: all a process needs to run the same step
+    (several processes each issue it for their own stages; ``hexjax.serve.multiprocess``)."""
+
+    replica: int
+    phase: str
+    """"extend" (prefill chunks) or "decode"."""
+    width: int
+    """Chunk width the programs are compiled for."""
+    x: np.ndarray
+    """Token ids [rows, width] (extend) or [rows, 1] (decode)."""
+    args: tuple
+    """extend: positions [rows, width], last chunk index [rows]; decode: positions [rows]."""
+    tables: tuple
+    """Per stage, block tables [rows, table width]."""
+    sample: dict | None = None
+    """Inputs of ``sample_rows`` (None: no row takes a token from this call)."""
+    any_sampled: bool = False
+    top: int | None = None
+    """Alternatives of ``token_logprobs`` (None: no logprobs)."""
+
+
+def _sample_inputs(call: StepCall, rows: list[Request | None], reqs: list[Request], vocab: int,
+                   eos: int | None = None) -> None:
+    """Fill ``call``'s sampling inputs for the rows of ``reqs`` (requests among ``rows``)."""
     b = len(rows)
     at = {r.id: i for i, r in enumerate(rows) if r is not None}
     seeds = np.zeros(b, np.int32)
@@ -434,7 +467,6 @@ def _sample(logits, rows: list[Request | None], reqs: list[Request], eos: int | 
         i = at[r.id]
         seeds[i], steps[i] = r.seed, len(r.output)
         temps[i], ks[i], ps[i], ms[i] = r.params.temperature, r.params.top_k, r.params.top_p, r.params.min_p
-    sampled = any(r.params.temperature > 0 for r in reqs)
     extra = {}
     bans = {at[r.id]: list(r.params.stop_token_ids) + ([eos] if eos is not None and not r.params.ignore_eos else [])
             for r in reqs if len(r.output) < r.params.min_tokens}
@@ -446,20 +478,27 @@ def _sample(logits, rows: list[Request | None], reqs: list[Request], eos: int | 
         extra["banned"] = banned
     pen = [r for r in reqs if r.params.presence_penalty or r.params.frequency_penalty]
     if pen:
-        counts = np.zeros((b, logits.shape[-1]), np.float32)
+        counts = np.zeros((b, vocab), np.float32)
         presence = np.zeros(b, np.float32)
         frequency = np.zeros(b, np.float32)
         for r in pen:
             i = at[r.id]
             if r.output:
-                counts[i] = np.bincount(r.output, minlength=logits.shape[-1])[:logits.shape[-1]]
+                counts[i] = np.bincount(r.output, minlength=vocab)[:vocab]
             presence[i], frequency[i] = r.params.presence_penalty, r.params.frequency_penalty
         extra.update(counts=counts, presence=presence, frequency=frequency)
     if ms.any():
         extra["min_ps"] = ms
-    toks = sample_rows(logits, seeds, steps, temps, ks, ps, any_sampled=sampled, **extra)
-    top = max((r.params.logprobs for r in reqs if r.params.logprobs is not None), default=None)
-    return toks, (token_logprobs(logits, toks, top) if top is not None else None)
+    call.sample = dict(seeds=seeds, steps=steps, temps=temps, top_ks=ks, top_ps=ps, **extra)
+    call.any_sampled = any(r.params.temperature > 0 for r in reqs)
+    call.top = max((r.params.logprobs for r in reqs if r.params.logprobs is not None), default=None)
+
+
+def _sample(logits, call: StepCall):
+    """Issue the sampling of ``call``'s rows from its ``logits``: device arrays (tokens [rows], logprobs or
+    None)."""
+    toks = sample_rows(logits, any_sampled=call.any_sampled, **call.sample)
+    return toks, (token_logprobs(logits, toks, call.top) if call.top is not None else None)
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -492,6 +531,12 @@ class Engine:
     one replica step feeds at most (decoding rows plus prefill chunks).
     ``detokenize`` (token ids -> text, e.g. a tokenizer's decode) gives outputs
     their text and enables stop strings.
+
+    Stages on several processes (``hexjax.serve.multiprocess``): ``move``
+    replaces ``jax.device_put`` between stages, ``read`` turns sampled tokens
+    into numpy on this process, and ``publish`` receives each step's
+    ``StepCall``s before they run, so that the other processes can run them too
+    (``follow``).  One process leaves them out.
     """
 
     def __init__(self, model, plan, *, max_batch: int | None = None, max_model_len: int | None = None,
@@ -499,7 +544,9 @@ class Engine:
                  max_step_tokens: int | None = None, dtype: str | None = None, seed: int = 0,
                  attention_impl: str = "auto", platform: str | None = None, metrics=None,
                  warmup: bool = False, params: dict | None = None,
-                 detokenize: Callable[[list[int]], str] | None = None):
+                 detokenize: Callable[[list[int]], str] | None = None, move=None, read=None,
+                 publish: Callable[[list[StepCall]], None] | None = None,
+                 on_error: Callable[[BaseException], None] | None = None):
         from hexjax.runtime.build import PAGE_SIZE
         from hexjax.runtime.devices import plan_devices
         from hexjax.runtime.generation import check_plan, model_params, plan_dtype
@@ -529,6 +576,11 @@ class Engine:
         self.dtype = dtype or plan_dtype(plan)
         self.metrics = metrics
         self.detokenize = detokenize
+        self._move = move or jax.device_put
+        self._read = read or np.asarray
+        self._publish = publish
+        self.on_error = on_error
+        """Called with the exception when the background loop fails (after failing every request)."""
         devices = plan_devices(plan, platform)
         self.replicas = [ReplicaEngine(i, rep, cfg, params, devices, self.dtype, max_batch=max_batch,
                                        max_model_len=self.max_model_len, page_size=self.page_size,
@@ -781,33 +833,40 @@ class Engine:
             self._drain()
             decoding = {rep.index: self._grow_running(rep) for rep in self.replicas}
             chunks = self._chunks(decoding)
-            issued = []
+            calls, issued = [], []
             for rep in self.replicas:
                 work = chunks.get(rep.index)
                 if work:
-                    rows, logits = rep.prefill(work)
+                    rows, call = rep.prefill_call(work)
                     for r, n in work:
                         r.computed += n
                         self.stats.prefill_tokens += n
                     # rows whose whole context is now cached take their next token from this chunk's logits
                     done = [r for r, _ in work if r.computed == len(r.context)]
                     if done:
-                        issued.append((done, rows, _sample(logits, rows, done, self.eos_token_id)))
+                        _sample_inputs(call, rows, done, self.cfg.vocab_size, self.eos_token_id)
+                        issued.append((done, rows, len(calls)))
+                    calls.append(call)
                 reqs = decoding[rep.index]
                 if reqs:
-                    rows, logits = rep.decode(reqs)
-                    issued.append((reqs, rows, _sample(logits, rows, reqs, self.eos_token_id)))
+                    rows, call = rep.decode_call(reqs)
+                    _sample_inputs(call, rows, reqs, self.cfg.vocab_size, self.eos_token_id)
+                    issued.append((reqs, rows, len(calls)))
+                    calls.append(call)
                 if work or reqs:
                     self.stats.step_tokens.append(sum(n for _, n in work or ()) + len(reqs))
+            if calls and self._publish is not None:
+                self._publish(calls)
+            results = self.run(calls)
             for reqs, _, _ in issued:
                 for r in reqs:
                     r.decoding = True
             outs, self._aborted = self._aborted, []
-            for reqs, rows, (toks, lps) in issued:
+            for reqs, rows, ci in issued:
                 at = {r.id: i for i, r in enumerate(rows) if r is not None}
-                toks = np.asarray(toks)
+                toks, lps = results[ci]
                 if lps is not None:
-                    chosen, vals, ids = (np.asarray(a) for a in lps)
+                    chosen, vals, ids = lps
                 now = time.perf_counter()
                 for r in reqs:
                     i = at[r.id]
@@ -823,6 +882,27 @@ class Engine:
             if self.metrics is not None:
                 self.metrics.on_step(self)
             return outs
+
+    def run(self, calls: Sequence[StepCall]) -> list[tuple | None]:
+        """Issue every call of a step (all before any result is read), then read the sampled ones: per call,
+        (tokens [rows], (chosen, top values, top ids) or None) as numpy, or None when it samples nothing.
+
+        Every process of a run spread over several calls it with the same calls in the same order; ``read``
+        gives None on the processes that do not schedule."""
+        sampled = []
+        for call in calls:
+            logits = self.replicas[call.replica].issue(call, self._move)
+            sampled.append(_sample(logits, call) if call.sample is not None else None)
+        out = []
+        for s in sampled:
+            if s is None:
+                out.append(None)
+                continue
+            toks, lps = s
+            toks = self._read(toks)
+            lps = tuple(self._read(a) for a in lps) if lps is not None else None
+            out.append(None if toks is None else (toks, lps))
+        return out
 
     # ---- whole requests ----
 
@@ -862,12 +942,14 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="hexjax-engine", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = 30) -> None:
+        """Stop the background loop after its current step (waiting at most ``timeout`` s; None: as long
+        as that step takes)."""
         if self._thread is None:
             return
         self._stop = True
         self._event.set()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout)
         self._thread = None
 
     def _loop(self) -> None:
@@ -887,6 +969,8 @@ class Engine:
                     for req in list(self.requests.values()):
                         if not req.finished:
                             self._abort(req.id)
+                if self.on_error is not None:
+                    self.on_error(e)
                 raise
 
     async def stream(self, prompt_ids, params: SamplingParams | None = None):

@@ -22,6 +22,8 @@ class ServeMetrics:
                                    registry=r)
         self.prompt_tokens = Counter("hexjax_prompt_tokens", "Prompt tokens of arrived requests.", registry=r)
         self.generation_tokens = Counter("hexjax_generation_tokens", "Generated tokens.", registry=r)
+        self.replica_tokens = Counter("hexjax_replica_generation_tokens", "Generated tokens per plan replica.",
+                                      ["replica"], registry=r)
         self.finished = Counter("hexjax_request_success", "Finished requests.", ["finished_reason"], registry=r)
         self.ttft = Histogram("hexjax_time_to_first_token_seconds", "Arrival to first token.", buckets=_LATENCY,
                               registry=r)
@@ -40,10 +42,12 @@ class ServeMetrics:
 
     def on_first_token(self, req, now: float) -> None:
         self.generation_tokens.inc()
+        self.replica_tokens.labels(str(req.replica)).inc()
         self.ttft.observe(now - req.arrival)
 
     def on_token(self, req, now: float) -> None:
         self.generation_tokens.inc()
+        self.replica_tokens.labels(str(req.replica)).inc()
         if req.last_token_time is not None:
             self.itl.observe(now - req.last_token_time)
 

@@ -39,16 +39,13 @@ def train_cmd(model: str, plan_file: Path, virtual_devices: int | None, data: Pa
     from hexjax.cli._distributed import across_processes, check_run, join_run
     # a process of a multi-host run joins it before JAX starts (--virtual-devices then checks the global count)
     multi = join_run(coordinator, num_processes, process_id)
-    if multi and (checkpoint_dir is not None or save_hf is not None):
-        raise ConfigError("--checkpoint-dir, --resume and --save-hf are not supported when the plan runs on several "
-                          "processes yet. Fix: drop them, or train in one process")
     if virtual_devices:
         from hexjax.runtime.devices import use_virtual_cpu_devices
         use_virtual_cpu_devices(virtual_devices)
     from hexjax.cli.plan import load_config
     from hexjax.plan import Plan
     from hexjax.train import TrainConfig, Trainer, check_batch_shape
-    from hexjax.train.checkpoint import check_model, latest_step, read_meta
+    from hexjax.train.checkpoint import agreed_latest_step, check_model, read_meta
     from hexjax.train.data import TokenWindows, is_text_data, open_tokens, prepare_text
 
     if steps < 1:
@@ -81,8 +78,10 @@ def train_cmd(model: str, plan_file: Path, virtual_devices: int | None, data: Pa
     check_batch_shape(cfg, plan, global_batch, seq_len, microbatches, rows)
     check_run(plan, cluster, "train")
     meta = None
-    if resume and latest_step(checkpoint_dir) is not None:
-        meta = read_meta(checkpoint_dir)
+    # several processes resume process 0's latest step (each reads it from the shared directory)
+    resume_step = agreed_latest_step(checkpoint_dir) if resume else None
+    if resume_step is not None:
+        meta = read_meta(checkpoint_dir, resume_step)
         check_model(meta, cfg, checkpoint_dir)
         if decay_steps is None:   # keep the schedule the run started with
             decay_steps = meta["extra"].get("decay_steps")
@@ -93,9 +92,14 @@ def train_cmd(model: str, plan_file: Path, virtual_devices: int | None, data: Pa
                          master_dtype=master_dtype)
     trained_tokenizer = None
     if text:
-        if tokenizer is None and checkpoint_dir is not None and (Path(checkpoint_dir) / "tokenizer.json").is_file():
-            tokenizer = Path(checkpoint_dir) / "tokenizer.json"    # resume with the tokenizer trained before
-        beside = [d for d in (checkpoint_dir, save_hf) if d is not None]
+        if tokenizer is None and checkpoint_dir is not None:
+            from hexjax.train.checkpoint import agree
+            # resume with the tokenizer trained before: as process 0 finds it, before it writes a new one
+            if agree("tokenizer lookup", "1" if (Path(checkpoint_dir) / "tokenizer.json").is_file() else "")[0]:
+                tokenizer = Path(checkpoint_dir) / "tokenizer.json"
+        import jax
+        # one writer of the trained tokenizer beside the checkpoints (the others keep theirs beside the data)
+        beside = [d for d in (checkpoint_dir, save_hf) if d is not None and jax.process_index() == 0]
         data, trained_tokenizer = prepare_text(data, tokenizer, cfg.vocab_size, save_tokenizer_to=beside)
     windows = TokenWindows(open_tokens(data, data_dtype), seq_len, seed)
     if windows.num_windows < global_batch:
@@ -111,7 +115,7 @@ def train_cmd(model: str, plan_file: Path, virtual_devices: int | None, data: Pa
                       **across_processes(multi))
     position = 0
     if meta is not None:
-        meta = trainer.restore(checkpoint_dir)
+        meta = trainer.restore(checkpoint_dir, resume_step)
         position = int(meta["extra"].get("position", trainer.step_count * global_batch))
     history = []
     n_params = trainer.num_params
@@ -150,8 +154,9 @@ def train_cmd(model: str, plan_file: Path, virtual_devices: int | None, data: Pa
         saved = trainer.save(checkpoint_dir, extra=extra())
     trainer.wait_for_saves(close=True)      # every checkpoint committed before the run reports or exits
     if save_hf is not None:
-        trainer.save_hf(save_hf)
-        if tokenizer is not None and not (Path(save_hf) / "tokenizer.json").exists():
+        trainer.save_hf(save_hf)    # across processes: written by process 0, returns everywhere once written
+        if (tokenizer is not None and jax.process_index() == 0
+                and not (Path(save_hf) / "tokenizer.json").exists()):
             import shutil
             shutil.copyfile(tokenizer, Path(save_hf) / "tokenizer.json")
     tokens = sum(m["tokens"] for m in history)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hexjax.errors import ConfigError, PlanError
+from hexjax.errors import ConfigError, HexjaxError, PlanError
 from hexjax.models.config import ModelConfig
 from hexjax.plan import Plan
 from hexjax.runtime.build import stage_kinds
@@ -279,7 +279,7 @@ class Trainer:
                 lo = start + m * mb
                 x = self._move(ids[lo:lo + mb], row[0].step.input_sharding)
                 for s, st in enumerate(row[:-1]):
-                    x = self._move(st.step.fwd(st.params, x), row[s + 1].step.input_sharding)
+                    x = self._move(st.step.infer(st.params, x), row[s + 1].step.input_sharding)
                 last = row[-1]
                 tgt = self._move(targets[lo:lo + mb], last.step.rows_sharding)
                 losses.append(last.step.fwd(last.params, x, tgt)[0])
@@ -292,7 +292,8 @@ class Trainer:
         per stage) and loss sums to ``losses``; yields the stage whose last backward was just issued, else None."""
         n_stages, m_count = len(row), self.microbatches
         mb = ids.shape[0] // m_count
-        inbox: list[dict[int, Any]] = [dict() for _ in row]   # stage inputs, kept until the backward
+        inbox: list[dict[int, Any]] = [dict() for _ in row]   # stage inputs (the last stage's kept until its backward)
+        stash: list[dict[int, Any]] = [dict() for _ in row]   # what each backward reads of its forward
         cots: list[dict[int, Any]] = [dict() for _ in row]
         last = row[-1].step
         for op, s, m in one_f_one_b(n_stages, m_count):
@@ -301,17 +302,16 @@ class Trainer:
                 if s == 0:
                     inbox[0][m] = self._move(ids[m * mb:(m + 1) * mb], st.step.input_sharding)
                 if s < n_stages - 1:
-                    y = st.step.fwd(st.params, inbox[s][m])
+                    y, stash[s][m] = st.step.fwd(st.params, inbox[s].pop(m))
                     inbox[s + 1][m] = self._move(y, row[s + 1].step.input_sharding)
                 yield None
                 continue
-            x = inbox[s].pop(m)
             if s == n_stages - 1:
                 tgt = self._move(targets[m * mb:(m + 1) * mb], last.rows_sharding)
-                acc[s], dx, loss, _ = st.step.bwd(st.params, x, tgt, inv, acc[s])
+                acc[s], dx, loss, _ = st.step.bwd(st.params, inbox[s].pop(m), tgt, inv, acc[s])
                 losses.append(loss)
             else:
-                acc[s], dx = st.step.bwd(st.params, x, cots[s].pop(m), acc[s])
+                acc[s], dx = st.step.bwd(st.params, stash[s].pop(m), cots[s].pop(m), acc[s])
             if s > 0:
                 cots[s - 1][m] = self._move(dx, row[s - 1].step.hidden_sharding)
             yield s if m == m_count - 1 else None
@@ -412,8 +412,45 @@ class Trainer:
 
     def save_hf(self, directory) -> None:
         """Write the current weights as a Hugging Face Llama checkpoint (``config.json`` +
-        ``model.safetensors``) that ``hexjax.load_hf`` and transformers' ``LlamaForCausalLM`` load."""
-        self.model().save_hf(directory)
+        ``model.safetensors``) that ``hexjax.load_hf`` and transformers' ``LlamaForCausalLM`` load.
+        Across processes, process 0 writes the files (the same as one process writes) and every process
+        returns once they are written."""
+        if jax.process_count() == 1:
+            self.model().save_hf(directory)
+            return
+        from hexjax.models.hf import LlamaModel
+        from hexjax.train.checkpoint import agree_outcome
+        params = self._on_process_0(self._owned("params"))
+        error = None
+        if jax.process_index() == 0:
+            try:
+                LlamaModel(self.cfg, params).save_hf(directory)
+            except Exception as e:   # told to every process, so none waits in vain
+                error = f"{type(e).__name__}: {e}"
+        agree_outcome(f"writing {directory}", error)
+
+    def _owned(self, what: str) -> dict:
+        """The owner's device arrays of every key: ``params`` or ``state``."""
+        return {k: getattr(self.replicas[r][s], what)[k] for k, ((r, s), *_) in self.holders.items()}
+
+    def _on_process_0(self, tree):
+        """Host copies of ``tree``'s arrays on process 0 (None on the others), one array at a time.
+
+        Every process calls it in the same order. A sharded array is first gathered onto its first device
+        (a copy inside its process), then sent device to device to process 0 (jax's cross-process transfer),
+        so nothing goes through the coordination service's key-value store."""
+        from jax.sharding import SingleDeviceSharding
+        me = jax.process_index()
+        target = SingleDeviceSharding(min((d for d in jax.devices() if d.process_index == 0), key=lambda d: d.id))
+
+        def fetch(x):
+            first = min(x.sharding.device_set, key=lambda d: d.id)
+            if len(x.sharding.device_set) > 1:
+                x = self._move(x, SingleDeviceSharding(first))
+            if first.process_index != 0:
+                x = self._move(x, target)
+            return np.array(x, copy=True) if me == 0 else None
+        return jax.tree.map(fetch, tree)
 
     def replicas_in_sync(self) -> bool:
         """Whether every copy of every key holds the same parameters (reads them back)."""
@@ -433,16 +470,31 @@ class Trainer:
 
         Asynchronous: returns once host copies are taken and the previous save has been committed; orbax
         writes this one while training goes on. ``wait=True`` (or ``wait_for_saves``) blocks until it is
-        committed; a step is listed in the directory only then."""
-        from hexjax.train.checkpoint import CheckpointWriter
+        committed; a step is listed in the directory only then. Across processes every process calls it;
+        each key's arrays are gathered onto process 0, which writes, and ``wait`` returns everywhere once
+        the step is committed."""
+        from hexjax.train.checkpoint import CheckpointWriter, agree
         step = self.step_count if step is None else step
         target = Path(directory).absolute()
         if self._writer is not None and self._writer.directory != target:
             self.wait_for_saves(close=True)
-        if self._writer is None:
-            self._writer = CheckpointWriter(target, keep=self.config.keep_checkpoints)
-        self._writer.save(step, self.cfg, _host_copy(self.params()), _host_copy(self.opt_state()), self.step_count,
-                          extra)
+        if jax.process_count() > 1:
+            # process 0 writes what every process gathers to it; all must be saving the same step
+            steps = agree("checkpoint save", f"{int(step)} {self.step_count}")
+            if len(set(steps)) > 1:
+                raise HexjaxError("the processes disagree on the checkpoint to save (step, steps taken: "
+                                  + "; ".join(f"process {p}: {v}" for p, v in enumerate(steps))
+                                  + "). Fix: give every process the same command and checkpoint directory")
+            params, state = self._on_process_0(self._owned("params")), self._on_process_0(self._owned("state"))
+            if self._writer is None:
+                self._writer = CheckpointWriter(target, keep=self.config.keep_checkpoints,
+                                                write=jax.process_index() == 0)
+            self._writer.save(step, self.cfg, params, state, self.step_count, extra)
+        else:
+            if self._writer is None:
+                self._writer = CheckpointWriter(target, keep=self.config.keep_checkpoints)
+            self._writer.save(step, self.cfg, _host_copy(self.params()), _host_copy(self.opt_state()),
+                              self.step_count, extra)
         if wait:
             self._writer.wait()
         return step
@@ -460,10 +512,10 @@ class Trainer:
     def restore(self, directory, step: int | None = None) -> dict:
         """Restore the latest (or given) checkpoint under ``directory`` onto this trainer's plan;
         returns its metadata (``step``, ``steps_taken``, ``extra``)."""
-        from hexjax.train.checkpoint import restore_checkpoint
+        from hexjax.train.checkpoint import restore_on_every_process
         self.wait_for_saves()
         abstract = {k: self.replicas[r][s].step.abstract_state[k] for k, ((r, s), *_) in self.holders.items()}
-        params, state, meta = restore_checkpoint(directory, step, self.cfg, abstract)
+        params, state, meta = restore_on_every_process(directory, step, self.cfg, abstract)
         self._place(params, state)
         self.step_count = int(meta["steps_taken"])
         return meta

@@ -10,7 +10,12 @@ the all-reduce, on every local device):
   prefill and decode, at a few shapes of the chosen model (a few layers per
   program, the launch taken off, per layer);
 - an all-reduce (``psum`` under ``shard_map``) over the local devices at two sizes;
-- host to device and device to host copies.
+- host to device and device to host copies;
+- copies of a stage's activations to another stage's devices (two meshes of
+  this host: one device to one, two to one, one to two);
+- the serving engine's host work: :class:`hexjax.serve.Engine` decoding with
+  a one-stage replica of the ``tiny`` model on one device at 1 and several
+  rows, each step's time less the time of the same stage program run alone.
 
 The result is a :class:`Calibration`; :meth:`Calibration.device_spec` turns it
 into a :class:`hexjax.devices.DeviceSpec` with a :class:`DeviceProfile`, and
@@ -32,7 +37,15 @@ How the figures become the profile:
   So the curve carries everything a real layer does beyond its matmuls
   (norms, rotary embedding, softmax, dispatch) as a lower efficiency;
 - the all-reduce fit ``t = 2 (n - 1) α + 2 (n - 1) / n * bytes / β`` gives the
-  host's device-to-device bandwidth and latency (link efficiency 1).
+  host's device-to-device bandwidth and latency (link efficiency 1);
+- ``copy_latency_us`` is the mean fixed time of the stage-to-stage copies (at
+  1 KiB) and ``copy_GBps`` the rate of a large one-device copy beyond it;
+- ``host_pass_us`` and ``host_row_us`` fit ``step - program = pass + rows * row``
+  to the serving engine's steps: what a serving pass costs the host beyond
+  its stage programs (scheduling, inputs and block tables, sampling, reading
+  the tokens back, emitting), measured on a model whose device time is small
+  and timed apart, so that the figure is the engine's, not the model's.
+  Only the serving simulation uses these four (``hexjax simulate``).
 """
 
 from __future__ import annotations
@@ -77,12 +90,17 @@ class Shapes:
     """Timed runs per benchmark (the fastest counts)."""
     stack: int
     """Decoder layers per timed program (the launch time is measured apart and taken off)."""
+    serving_rows: tuple[int, ...] = (1, 4)
+    """Rows decoding in the serving engine's timed steps."""
+    serving_steps: int = 40
+    """Timed engine steps per row count (the median counts)."""
 
 
 FULL = Shapes(matmul_rows=(1, 8, 64, 512, 2048), matmul_k=2048,
               prefill=((1, 32), (1, 128), (4, 128), (1, 512), (4, 512)),
               decode=((1, 256), (4, 256), (16, 256), (64, 256)),
-              read_bytes=512 << 20, allreduce_bytes=(64 << 10, 16 << 20), copy_bytes=128 << 20, repeats=5, stack=4)
+              read_bytes=512 << 20, allreduce_bytes=(64 << 10, 16 << 20), copy_bytes=128 << 20, repeats=5, stack=4,
+              serving_rows=(1, 8), serving_steps=60)
 QUICK = Shapes(matmul_rows=(1, 64, 512), matmul_k=1024,
                prefill=((1, 64), (2, 128)), decode=((1, 128), (4, 128)),
                read_bytes=256 << 20, allreduce_bytes=(64 << 10, 4 << 20), copy_bytes=32 << 20, repeats=4, stack=2)
@@ -147,6 +165,12 @@ class Calibration:
     """Price written into the profile."""
     source: str
     """When and with what it was measured."""
+    copy_latency_s: float = 0.0
+    """Fixed time of a copy between two stages' meshes (0: one device, not measured)."""
+    copy_Bps: float = 0.0
+    """Rate of such a copy beyond its fixed time (0: not measured)."""
+    serving: tuple[tuple[int, float, float], ...] = ()
+    """``(rows, engine step s, stage program s)`` of the serving engine's decode steps (empty: not measured)."""
 
     @property
     def peak_flops(self) -> float:
@@ -162,6 +186,17 @@ class Calibration:
         bw = 2 * (n - 1) / n / per_byte
         alpha = max(t0 - 2 * (n - 1) / n * b0 / bw, 0.0) / (2 * (n - 1))
         return bw, alpha
+
+    def host_work(self) -> tuple[float, float]:
+        """``(per pass, per row)`` seconds of the serving engine's host work: ``step - program`` fitted
+        through the runs with the fewest and the most rows (0, 0 without runs)."""
+        if not self.serving:
+            return 0.0, 0.0
+        runs = sorted(self.serving)
+        (r0, s0, p0), (r1, s1, p1) = runs[0], runs[-1]
+        h0, h1 = max(s0 - p0, 0.0), max(s1 - p1, 0.0)
+        row = max((h1 - h0) / (r1 - r0), 0.0) if r1 > r0 else 0.0
+        return max(h0 - r0 * row, 0.0), row
 
     def efficiency_points(self, dtype: str) -> list[tuple[int, float]]:
         """The curve of ``dtype``: per layer run, the efficiency that reproduces its measured time."""
@@ -183,7 +218,10 @@ class Calibration:
             curves = {d: sorted({rows: r / self.peak_flops for dt, rows, _, r in self.matmul if dt == d}.items())
                       for d in DTYPES if any(dt == d for dt, *_ in self.matmul)}
         copy = min(self.h2d_Bps, self.d2h_Bps)
-        return DeviceProfile(tuple(curves.items()), 1.0, 1.0, self.launch_s, copy, self.source)
+        host_pass, host_row = self.host_work()
+        return DeviceProfile(tuple(curves.items()), 1.0, 1.0, self.launch_s, copy, self.source,
+                             copy_latency_s=self.copy_latency_s, copy_Bps=self.copy_Bps, host_pass_s=host_pass,
+                             host_row_s=host_row)
 
     def device_spec(self) -> DeviceSpec:
         """The measured device, profile included."""
@@ -207,7 +245,12 @@ class Calibration:
                         lambda a, b: min(a, b, key=lambda r: r.seconds)),
             allreduce=best(self.allreduce, other.allreduce, lambda a: a[0], lambda a, b: min(a, b, key=lambda x: x[1])),
             launch_s=min(self.launch_s, other.launch_s), h2d_Bps=max(self.h2d_Bps, other.h2d_Bps),
-            d2h_Bps=max(self.d2h_Bps, other.d2h_Bps))
+            d2h_Bps=max(self.d2h_Bps, other.d2h_Bps),
+            copy_latency_s=min((x for x in (self.copy_latency_s, other.copy_latency_s) if x > 0), default=0.0),
+            copy_Bps=max(self.copy_Bps, other.copy_Bps),
+            # the engine runs of one calibration together (the quieter): the per-row fit takes differences
+            serving=min((x for x in (self.serving, other.serving) if x), key=lambda runs: sum(r[1] for r in runs),
+                        default=()))
 
     def predicted_layer_s(self, run: LayerRun, spec: DeviceSpec | None = None) -> float:
         """The cost model's time of one measured layer run on the calibrated device."""
@@ -232,6 +275,9 @@ class Calibration:
                      f"{d} {r}x{k}: {f / 1e9:.3g} GFLOP/s" for d, r, k, f in self.matmul),
                  f"# memory read {self.read_Bps / GB:.3g} GB/s; host->device {self.h2d_Bps / GB:.3g} GB/s, "
                  f"device->host {self.d2h_Bps / GB:.3g} GB/s",
+                 f"# stage-to-stage copies: {self.copy_latency_s * 1e6:.3g} us + bytes at {self.copy_Bps / GB:.3g} "
+                 "GB/s; serving engine decode steps (rows: step vs program alone, ms): " + "; ".join(
+                     f"{r}: {st * 1e3:.3g} vs {pr * 1e3:.3g}" for r, st, pr in self.serving),
                  "# layer runs (phase, batch, tokens/context, dtype): measured vs profile-predicted ms: " + "; ".join(
                      f"{r.phase} b{r.batch} {r.context} {r.dtype}: {r.seconds * 1e3:.3g} vs "
                      f"{self.predicted_layer_s(r, spec) * 1e3:.3g}" for r in self.layers),
@@ -326,6 +372,95 @@ def measure_launch(device, repeats: int) -> float:
     return best_time_s(lambda: _block(f(x)), max(repeats, 20))
 
 
+def measure_stage_copies(devices, sizes: tuple[int, int], repeats: int) -> tuple[float, float]:
+    """``(fixed s, bytes/s)`` of copying a stage's activations (float32 ``[1, tokens, 64]``, replicated over
+    a mesh's devices, as a stage hands them on) to another stage's devices: the fixed time is the mean over
+    one device to one, two to one and one to two (as many as the devices allow) at ``sizes[0]`` bytes;
+    the rate is one device to one between ``sizes[0]`` and ``sizes[1]``. ``(0, 0)`` with one device."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    if len(devices) < 2:
+        return 0.0, 0.0
+
+    def on(devs):
+        return NamedSharding(Mesh(np.array(devs).reshape(1, len(devs)), ("dp", "tp")), P("dp", None, None))
+
+    def copy_s(src, dst, nbytes):
+        x = jax.device_put(jnp.ones((1, max(nbytes // 256, 1), 64), jnp.float32), on(src))
+        return best_time_s(lambda: _block(jax.device_put(x, on(dst))), max(repeats, 10))
+
+    d = devices
+    pairs = [((d[0],), (d[1],))] + ([((d[0], d[1]), (d[2],)), ((d[0],), (d[1], d[2]))] if len(d) >= 3 else [])
+    small, large = sizes
+    fixed = [copy_s(a, b, small) for a, b in pairs]
+    big = copy_s(*pairs[0], large)
+    rate = (large - small) / max(big - fixed[0], 1e-9)
+    return sum(fixed) / len(fixed), rate
+
+
+def measure_serving_host(device_index: int = 0, rows: tuple[int, ...] = (1, 4),
+                         steps: int = 40) -> tuple[tuple[int, float, float], ...]:
+    """``(rows, step s, program s)`` per row count: the median of ``steps`` decode-only steps of the serving
+    engine (one stage of the ``tiny`` model on local device ``device_index``, ``rows`` requests decoding),
+    and the median of the same stage's decode program for that many rows run alone between those steps (its
+    compiled program, called as the engine calls it; the input already on the device)."""
+    import statistics
+
+    import jax
+    from hexjax.models.llama import stage_params
+    from hexjax.plan import Plan
+    from hexjax.runtime.build import stage_kinds
+    from hexjax.runtime.generation import model_params
+    from hexjax.runtime.pages import pages_for
+    from hexjax.runtime.stage import StageShape, stage_programs
+    from hexjax.serve import Engine, SamplingParams
+    cfg = ModelConfig.preset("tiny")
+    plan = Plan.from_dict({"version": 1, "model": cfg.name, "dtype_bytes": 4, "replicas": [
+        {"stages": [{"layers": [0, cfg.num_layers], "devices": [device_index], "dp": 1, "tp": 1}]}]})
+    top, page, max_len, prompt = max(rows), 16, 128, 8
+    width = pages_for(max_len, page)
+    num_pages = top * width + 1
+    engine = Engine(cfg, plan, max_batch=top, max_model_len=max_len, page_size=page, num_pages=num_pages,
+                    dtype="float32")
+    kind = stage_kinds(cfg, plan.replicas[0], "float32")[0]
+    device = jax.local_devices()[device_index] if device_index < len(jax.local_devices()) else jax.devices()[0]
+    _, full = model_params(cfg, 0)
+    out = []
+    for r in rows:
+        for _ in range(r):
+            engine.add_request([7] * prompt, SamplingParams(max_tokens=steps + 8, ignore_eos=True))
+        prog = stage_programs(kind, StageShape(r, page, num_pages, page, width), (device,))
+        params = prog.place_params(stage_params(full, cfg, 0, cfg.num_layers, embed=True, head=True))
+        cache = [prog.empty_cache()]
+        run = prog.compiled("decode")
+        x = jax.device_put(np.full((r, 1), 7, np.int32), prog.input_sharding)
+        pos = np.full((r,), prompt, np.int32)
+        table = np.zeros((r, width), np.int32)
+
+        def alone():
+            y, cache[0] = run(params, cache[0], x, pos, table)
+            _block(y)
+        for _ in range(r):
+            engine.add_request([7] * prompt, SamplingParams(max_tokens=steps + 8, ignore_eos=True))
+        for _ in range(4):          # prefill, then decode steps (compiles, warms the caches)
+            engine.step()
+        alone()
+        # engine steps and the program alone, interleaved: both see the same moments of a shared machine
+        step_s, alone_s = [], []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            engine.step()
+            t1 = time.perf_counter()
+            alone()
+            step_s.append(t1 - t0)
+            alone_s.append(time.perf_counter() - t1)
+        while engine.has_work():
+            engine.step()
+        out.append((r, statistics.median(step_s), statistics.median(alone_s)))
+    return tuple(out)
+
+
 def measure_layer(cfg: ModelConfig, device, dtype: str, phase: str, batch: int, length: int,
                   repeats: int, stack: int = 1, launch_s: float = 0.0) -> LayerRun:
     """A decoder layer of ``cfg`` (the model's own stage code, ``stack`` layers in one program, the
@@ -371,9 +506,10 @@ Progress = Callable[[str], None]
 
 def calibrate(quick: bool = False, *, model: str | ModelConfig = "llama-125m", dtypes: tuple[str, ...] | None = None,
               name: str | None = None, price_per_hour: float = 0.0, shapes: Shapes | None = None,
-              progress: Progress | None = None) -> Calibration:
+              progress: Progress | None = None, serving: bool = True) -> Calibration:
     """Measure the local devices (see the module docstring). ``quick`` runs fewer, smaller benchmarks
-    (float32 only, unless ``dtypes`` says otherwise)."""
+    (float32 only, unless ``dtypes`` says otherwise); ``serving=False`` skips the serving engine's host work
+    and the copies between stages (their profile fields stay unmeasured)."""
     import jax
     cfg = model if isinstance(model, ModelConfig) else ModelConfig.load(model)
     shapes = shapes or (QUICK if quick else FULL)
@@ -410,12 +546,18 @@ def calibrate(quick: bool = False, *, model: str | ModelConfig = "llama-125m", d
         allreduce = measure_allreduce(devices, shapes.allreduce_bytes, shapes.repeats)
     say("host<->device copies")
     h2d, d2h = measure_copies(dev, shapes.copy_bytes, shapes.repeats)
+    copy_fixed, copy_rate, runs = 0.0, 0.0, ()
+    if serving:
+        say("copies between stages")
+        copy_fixed, copy_rate = measure_stage_copies(devices, (1 << 10, shapes.copy_bytes // 8), shapes.repeats)
+        say("serving engine host work")
+        runs = measure_serving_host(0, shapes.serving_rows, shapes.serving_steps)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     source = f"hexjax calibrate{' --quick' if quick else ''}, {stamp}, jax {jax.__version__}, {dev.device_kind}"
     default_name = "local-" + "".join(c if c.isalnum() else "-" for c in dev.device_kind).strip("-").lower()
     return Calibration(name or default_name, platform, dev.device_kind, len(devices),
                        _memory_bytes(dev, len(devices)), tuple(matmul), read, tuple(layers), tuple(allreduce),
-                       launch, h2d, d2h, cfg.name, float(price_per_hour), source)
+                       launch, h2d, d2h, cfg.name, float(price_per_hour), source, copy_fixed, copy_rate, runs)
 
 
 def measure_generation(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, dtype: str = "float32",

@@ -441,7 +441,10 @@ _LINK_KEYS = ("a", "b", "bandwidth_GBps", "latency_us")
 _DEVICE_KEYS = ("base", "memory_GiB", "tflops", "memory_bandwidth_GBps", "intra_bandwidth_GBps",
                 "price_per_hour", "kind", "profile")
 _PROFILE_KEYS = ("flops_efficiency", "memory_efficiency", "link_efficiency", "step_overhead_us", "host_copy_GBps",
-                 "source")
+                 "source", "version", "copy_latency_us", "copy_GBps", "host_pass_us", "host_row_us")
+PROFILE_VERSION = 2
+"""Profile tables carry ``version = 2`` from the serving terms on (copies between stages, host work per
+pass); a table without it is version 1 (no such terms)."""
 
 
 class _Reader:
@@ -715,21 +718,38 @@ def _parse_profile(r: _Reader, raw: Any, where: str) -> DeviceProfile:
     source = t.get("source", "")
     if not isinstance(source, str):
         raise r.fail(f"{where}.source", f"expected a string, got {_describe(source)}", 'write source = "..."')
+    version = r.number(t, "version", f"{where}.version", 1, integer=True)
+    if version not in (1, PROFILE_VERSION):
+        raise r.fail(f"{where}.version", f"unknown profile version {version}",
+                     f"use 1 or {PROFILE_VERSION} (rewrite it with `hexjax calibrate`)")
+    serving = ("copy_latency_us", "copy_GBps", "host_pass_us", "host_row_us")
+    if version == 1 and any(k in t for k in serving):
+        raise r.fail(f"{where}.version", f"{', '.join(k for k in serving if k in t)} need version = "
+                     f"{PROFILE_VERSION}", f"add version = {PROFILE_VERSION} to the profile table")
     return DeviceProfile(
         flops_efficiency=tuple(curves.items()),
         memory_efficiency=r.number(t, "memory_efficiency", f"{where}.memory_efficiency", 1.0),
         link_efficiency=r.number(t, "link_efficiency", f"{where}.link_efficiency", 1.0),
         step_overhead_s=r.number(t, "step_overhead_us", f"{where}.step_overhead_us", 0.0, positive=False) / 1e6,
         host_copy_Bps=r.number(t, "host_copy_GBps", f"{where}.host_copy_GBps", 0.0, positive=False) * GB,
-        source=source)
+        source=source,
+        copy_latency_s=r.number(t, "copy_latency_us", f"{where}.copy_latency_us", 0.0, positive=False) / 1e6,
+        copy_Bps=r.number(t, "copy_GBps", f"{where}.copy_GBps", 0.0, positive=False) * GB,
+        host_pass_s=r.number(t, "host_pass_us", f"{where}.host_pass_us", 0.0, positive=False) / 1e6,
+        host_row_s=r.number(t, "host_row_us", f"{where}.host_row_us", 0.0, positive=False) / 1e6)
 
 
 def profile_to_dict(p: DeviceProfile) -> dict[str, Any]:
     """A profile as the ``[device.NAME.profile]`` table it is read from."""
-    return {"flops_efficiency": {k: [list(pt) for pt in pts] for k, pts in p.flops_efficiency},
-            "memory_efficiency": p.memory_efficiency, "link_efficiency": p.link_efficiency,
-            "step_overhead_us": _export_us(p.step_overhead_s), "host_copy_GBps": _export_GBps(p.host_copy_Bps),
-            "source": p.source}
+    out = {"flops_efficiency": {k: [list(pt) for pt in pts] for k, pts in p.flops_efficiency},
+           "memory_efficiency": p.memory_efficiency, "link_efficiency": p.link_efficiency,
+           "step_overhead_us": _export_us(p.step_overhead_s), "host_copy_GBps": _export_GBps(p.host_copy_Bps),
+           "source": p.source}
+    serving = {"copy_latency_us": _export_us(p.copy_latency_s), "copy_GBps": _export_GBps(p.copy_Bps),
+               "host_pass_us": _export_us(p.host_pass_s), "host_row_us": _export_us(p.host_row_s)}
+    if any(v for v in serving.values()):   # a version-1 profile stays as it was written
+        out = {"version": PROFILE_VERSION, **out, **serving}
+    return out
 
 
 # ---- small helpers ----

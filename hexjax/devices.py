@@ -57,6 +57,17 @@ class DeviceProfile:
     """Host to device copy rate (0: not measured); reported, not yet used by the cost model."""
     source: str = ""
     """Where the figures come from (tool, date, software)."""
+    copy_latency_s: float = 0.0
+    """Fixed time of copying a stage's activations to the next stage's devices on the same host (0: not
+    measured; the host's link figures then cost the hop)."""
+    copy_Bps: float = 0.0
+    """Rate of such a copy, bytes per second into each receiving device (0: not measured)."""
+    host_pass_s: float = 0.0
+    """Host time of one pass of a serving step (its prefill chunks or its decode rows) beyond the stage
+    programs and the copies between stages: scheduling, building the inputs and block tables, sampling,
+    reading the tokens back (0: not measured, no term)."""
+    host_row_s: float = 0.0
+    """Further host time per request row of such a pass (0: not measured)."""
 
     def __post_init__(self):
         curves = tuple((str(k), tuple((float(r), float(e)) for r, e in sorted(pts)))
@@ -73,10 +84,14 @@ class DeviceProfile:
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 4:
                 raise ConfigError(f"device profile: {field} must be in (0, 4], got {v!r}")
-        for field in ("step_overhead_s", "host_copy_Bps"):
+        for field in ("step_overhead_s", "host_copy_Bps", "copy_latency_s", "copy_Bps", "host_pass_s", "host_row_s"):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ConfigError(f"device profile: {field} must be >= 0, got {v!r}")
+
+    def host_s(self, rows: int) -> float:
+        """Host time of one serving pass of ``rows`` request rows."""
+        return self.host_pass_s + rows * self.host_row_s
 
     def efficiency(self, dtype_bytes: int, rows: float) -> float:
         """Matmul efficiency at ``rows`` rows in the dtype of ``dtype_bytes`` bytes (nearest width measured)."""

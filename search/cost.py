@@ -62,6 +62,19 @@ Calibrated devices
     its memory and link efficiencies, and adds its fixed time of launching a
     stage's program (dispatch) to each prefill and decode step.
 
+Serving engine steps
+    Costed as the serving engine runs them (``_predict_replica(...,
+    serving=True)``, what ``hexjax simulate`` uses), a step takes two more
+    terms from a profile that measured them. The engine's host work
+    (``host_pass_s`` plus ``host_row_s`` per request row: scheduling,
+    building inputs, sampling, reading tokens back) is added to the first
+    stage's prefill and decode step, which then also carries the token's way
+    back on that host. Copies between meshes of one host (``copy_latency_s``,
+    ``copy_Bps``) cost a hop between two stages of that host as
+    ``copy_latency + bytes * tp / copy_Bps`` instead of the host's link
+    figures. Without a profile, with one lacking these fields, or outside
+    ``serving`` (the planner, ``predict``), nothing changes.
+
 Tensor parallelism
     Two all-reduces per layer (after attention and after the MLP) of
     ``r * tokens * h * e`` bytes, ring model over the host's link::
@@ -656,7 +669,8 @@ def link_shares(plan, cluster) -> dict:
     return out
 
 
-def _predict_replica(replica, cfg, cluster, workload, dtype_bytes, mb, b, shares=None) -> ReplicaPrediction:
+def _predict_replica(replica, cfg, cluster, workload, dtype_bytes, mb, b, shares=None,
+                     serving: bool = False) -> ReplicaPrediction:
     stages = replica.stages
     P = len(stages)
     hosts = [cluster.host_of(st.devices[0]) for st in stages]
@@ -666,6 +680,10 @@ def _predict_replica(replica, cfg, cluster, workload, dtype_bytes, mb, b, shares
         return bw / shares.get(link_key(cluster, a, c), 1) if shares and a != c else bw
 
     pre_b, dec_b, tok_b = hop_bytes(cfg, workload, b, dtype_bytes)
+    # the serving engine's step (``serving``) on a profile with its terms: the driving host's work per pass,
+    # on the first stage, and measured copies between stages of one host
+    driver = cluster.hosts[hosts[0]].device.profile if serving else None
+    host_work = driver.host_s(b) if driver is not None and (driver.host_pass_s or driver.host_row_s) else None
     preds, pre, dec = [], [], []
     for k, st in enumerate(stages):
         host = cluster.hosts[hosts[k]]
@@ -673,11 +691,22 @@ def _predict_replica(replica, cfg, cluster, workload, dtype_bytes, mb, b, shares
                              st.layers[1] - st.layers[0], st.dp, st.tp, k == 0, k == P - 1, mb, b, workload,
                              dtype_bytes)
         w_pre, w_dec = c.prefill_s, c.decode_s
+        if k == 0 and host_work is not None:
+            w_pre, w_dec = w_pre + host_work, w_dec + host_work
         if k > 0:
-            bw, lat = bandwidth(hosts[k - 1], hosts[k]), cluster.host_latency(hosts[k - 1], hosts[k])
-            w_pre = hop_s(pre_b, bw, lat) + w_pre
-            w_dec = hop_s(dec_b, bw, lat) + w_dec
-        if k == P - 1 and P > 1:
+            prof = host.device.profile if serving else None
+            if hosts[k - 1] == hosts[k] and prof is not None and prof.copy_Bps > 0:
+                # a copy between two meshes of one host, measured: a fixed cost, then every row goes to each
+                # of the stage's tp devices, one copy after another (the host moves them all)
+                w_pre = prof.copy_latency_s + pre_b * st.tp / prof.copy_Bps + w_pre
+                w_dec = prof.copy_latency_s + dec_b * st.tp / prof.copy_Bps + w_dec
+            else:
+                bw, lat = bandwidth(hosts[k - 1], hosts[k]), cluster.host_latency(hosts[k - 1], hosts[k])
+                w_pre = hop_s(pre_b, bw, lat) + w_pre
+                w_dec = hop_s(dec_b, bw, lat) + w_dec
+        # the token's way back; on one host with the host term measured it is that term's (the tokens
+        # are read back and fed as the next pass's input)
+        if k == P - 1 and P > 1 and not (host_work is not None and hosts[k] == hosts[0]):
             bw, lat = bandwidth(hosts[k], hosts[0]), cluster.host_latency(hosts[k], hosts[0])
             w_dec = w_dec + hop_s(tok_b, bw, lat)
         w = busy_s(w_pre, w_dec, workload)

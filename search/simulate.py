@@ -31,7 +31,12 @@ Step times come from a :class:`StepTimes`: :class:`CostModelStepTimes` (the
 cost model's per-stage times at the rows actually running, summed over the
 stages with their hops: the engine sends each iteration through the stages
 as one microbatch) or :class:`FixedStepTimes` (constants, for closed-form
-checks and measured profiles).
+checks and measured profiles). The cost model costs each part as the serving
+engine runs it (``serving=True``): where a device profile measured them
+(``hexjax calibrate``), the engine's host work per pass and per request row
+is added to the prefill part and to the decode part (an iteration that does
+both runs two passes), and hops between stages of one host take the measured
+copy figures.
 """
 
 from __future__ import annotations
@@ -92,36 +97,77 @@ class CostModelStepTimes:
     serving engine runs an iteration; ``pipelined=True`` instead takes the
     better of the cost model's microbatch cuts (``cost.microbatch_options``),
     as a runtime that streams an iteration's microbatches through the stages
-    would (HexGen's does).
+    would (HexGen's does). ``serving=False`` leaves out the serving engine's
+    host work and measured copies (the planner's cost of a step).
+
+    ``prefill_widths``, ``row_buckets`` and ``chunk_row_buckets`` cost the
+    padded shapes a runtime compiles instead of the exact ones (see
+    :func:`engine_shapes`): a prefill of ``r`` chunks as the smallest of
+    ``chunk_row_buckets`` (default: ``row_buckets``) holding ``r`` rows, each
+    of the narrowest width holding the longest chunk (the serving engine pads
+    every chunk of a step to one width), and a decode step at the smallest of
+    ``row_buckets`` holding its rows. Empty: exact shapes.
     """
 
-    def __init__(self, plan, cfg, cluster, quantum: int = 8, pipelined: bool = False):
+    def __init__(self, plan, cfg, cluster, quantum: int = 8, pipelined: bool = False, serving: bool = True,
+                 prefill_widths: Sequence[int] = (), row_buckets: Sequence[int] = (),
+                 chunk_row_buckets: Sequence[int] = ()):
         self.plan, self.cfg, self.cluster, self.quantum = plan, cfg, cluster, quantum
-        self.pipelined = pipelined
+        self.pipelined, self.serving = pipelined, serving
+        self.widths, self.rows = tuple(sorted(prefill_widths)), tuple(sorted(row_buckets))
+        self.chunk_rows = tuple(sorted(chunk_row_buckets)) or self.rows
         self._memo: dict[tuple, float] = {}
+
+    @staticmethod
+    def _bucket(n: int, buckets: tuple[int, ...]) -> int:
+        return next((b for b in buckets if b >= n), max(n, buckets[-1])) if buckets else n
 
     def _time(self, replica: int, rows: int, prompt: int, output: int, field: str) -> float:
         rep = self.plan.replicas[replica]
         cuts = cost.microbatch_options(rows, len(rep.stages)) if self.pipelined else [(1, rows)]
         return min(getattr(cost._predict_replica(rep, self.cfg, self.cluster, Workload(prompt, output, rows),
-                                                 self.plan.dtype_bytes, mb, b), field) for mb, b in cuts)
+                                                 self.plan.dtype_bytes, mb, b, serving=self.serving), field)
+                   for mb, b in cuts)
 
     def prefill_s(self, replica: int, prompt_lens: Sequence[int]) -> float:
         q = self.quantum
-        s = max(q, -(-math.ceil(sum(prompt_lens) / len(prompt_lens)) // q) * q)
-        key = ("p", replica, len(prompt_lens), s)
+        if self.widths:
+            s = self._bucket(max(prompt_lens), self.widths)
+        else:
+            s = max(q, -(-math.ceil(sum(prompt_lens) / len(prompt_lens)) // q) * q)
+        rows = self._bucket(len(prompt_lens), self.chunk_rows)
+        key = ("p", replica, rows, s)
         if key not in self._memo:
-            self._memo[key] = self._time(replica, len(prompt_lens), s, 1, "ttft_s")
+            self._memo[key] = self._time(replica, rows, s, 1, "ttft_s")
         return self._memo[key]
 
     def decode_s(self, replica: int, contexts: Sequence[int]) -> float:
         q = self.quantum
         c = max(q, int(round(sum(contexts) / len(contexts) / q)) * q)
-        key = ("d", replica, len(contexts), c)
+        rows = self._bucket(len(contexts), self.rows)
+        key = ("d", replica, rows, c)
         if key not in self._memo:
             # a workload of prompt c - 1 and 2 outputs has its one decode step at context c
-            self._memo[key] = self._time(replica, len(contexts), c - 1, 2, "tpot_s")
+            self._memo[key] = self._time(replica, rows, c - 1, 2, "tpot_s")
         return self._memo[key]
+
+
+def engine_shapes(max_batch: int, max_model_len: int, max_step_tokens: int, page_tokens: int = cost.KV_PAGE_TOKENS,
+                  unit: int = 1) -> dict:
+    """The padded shapes ``hexjax.serve.Engine`` compiles, as :class:`CostModelStepTimes` arguments: prefill
+    chunk widths are page multiples doubling up to ``max_model_len`` (in pages); decode rows are ``unit``
+    (the stages' dp least common multiple) times a power of two, prefill rows times a power of four, capped
+    at ``max_batch``. (Chunks of a step are also cut to at most ``max_step_tokens / rows`` wide, which the
+    narrowest bucket holding them reflects.)"""
+    top = -(-min(max_step_tokens, max_model_len) // page_tokens) * page_tokens
+    widths, w = [], page_tokens
+    while w < top:
+        widths.append(w)
+        w *= 2
+    steps = range((max_batch // unit).bit_length() + 1)
+    return {"prefill_widths": tuple(widths + [top]),
+            "row_buckets": tuple(sorted({min(unit << k, max_batch) for k in steps})),
+            "chunk_row_buckets": tuple(sorted({min(unit << 2 * k, max_batch) for k in steps}))}
 
 
 class MeasuredStepTimes:

@@ -91,7 +91,7 @@ def test_cli_calibrate_quick_writes_a_profile_the_planner_uses(tmp_path, monkeyp
     from hexjax.workload import Workload
     out = tmp_path / "cpu.toml"
     monkeypatch.setattr(sys, "argv", ["hexjax", "calibrate", "--quick", "--out", str(out), "--json",
-                                      "--model", "small"])
+                                      "--model", "small", "--no-serving"])
     with pytest.raises(SystemExit) as e:
         main()
     assert e.value.code in (0, None)
@@ -102,6 +102,8 @@ def test_cli_calibrate_quick_writes_a_profile_the_planner_uses(tmp_path, monkeyp
     assert dev.kind == "cpu" and dev.profile is not None and c.hosts[0].count == report["num_devices"]
     if report["num_devices"] > 1:          # the all-reduce ran and set the host's link
         assert c.hosts[0].intra_bandwidth_Bps == pytest.approx(report["link_bandwidth_Bps"])
+    assert report["serving_steps"] == [] and dev.profile.host_pass_s == 0 and dev.profile.copy_Bps == 0
+    assert "version" not in tomllib.loads(out.read_text())["device"][dev.name]["profile"]   # stays a version 1
     p = plan("small", c, Workload(32, 8, 2), objective="throughput")
     assert p.prediction["throughput_tokens_per_s"] > 0
     # bad input: one error line, exit 2
@@ -147,3 +149,56 @@ def test_best_of_keeps_each_figure_at_its_best():
     m = a.best_of(slower)
     assert m.read_Bps == a.read_Bps and m.launch_s == a.launch_s and m.matmul == (("float32", 512, 1024, 6e11),)
     assert [r.seconds for r in m.layers] == [r.seconds for r in a.layers[:2]] + [r.seconds / 2 for r in a.layers[2:]]
+
+
+# ---- the serving engine's host work and the copies between stages ----
+
+def test_serving_terms_fit_round_trip_and_need_version_2(tmp_path):
+    import dataclasses
+    # engine decode steps (rows, step, program alone): host work 0.3 ms + 0.02 ms per row, by construction
+    runs = ((1, 0.3e-3 + 0.02e-3 + 0.2e-3, 0.2e-3), (4, 0.3e-3 + 0.08e-3 + 0.25e-3, 0.25e-3))
+    cal = dataclasses.replace(synthetic(), copy_latency_s=1.2e-4, copy_Bps=3e10, serving=runs)
+    assert cal.host_work() == pytest.approx((0.3e-3, 0.02e-3), rel=1e-9)
+    p = cal.device_spec().profile
+    assert (p.host_pass_s, p.host_row_s, p.copy_latency_s, p.copy_Bps) == (*cal.host_work(), 1.2e-4, 3e10)
+    assert p.host_s(3) == pytest.approx(0.36e-3, rel=1e-12)
+    path = tmp_path / "serving.toml"
+    path.write_text(cal.to_toml())
+    table = tomllib.loads(path.read_text())["device"]["my-cpu"]["profile"]
+    assert table["version"] == 2 and table["host_pass_us"] == pytest.approx(300) and table["copy_GBps"] == 30
+    assert load_profile(path)["my-cpu"] == cal.device_spec()
+    assert Cluster.from_dict(tomllib.loads(Cluster.load(path).to_toml())) == Cluster.load(path)
+    # without runs nothing is measured and the figures stay 0 (no term)
+    assert synthetic().host_work() == (0.0, 0.0) and synthetic().device_spec().profile.host_pass_s == 0
+    # best_of keeps the quieter calibration's engine runs (together) and the faster copies
+    noisy = dataclasses.replace(cal, copy_latency_s=3e-4, serving=((1, 1e-3, 0.2e-3), runs[1]))
+    assert cal.best_of(noisy).serving == runs and cal.best_of(noisy).copy_latency_s == 1.2e-4
+
+
+@pytest.mark.parametrize("mutate, words", [
+    (lambda p: p.update(host_pass_us=300), ["profile.version", "host_pass_us need version = 2"]),
+    (lambda p: p.update(version=3), ["profile.version", "unknown profile version 3"]),
+    (lambda p: p.update(version=2, copy_GBps=-1), ["profile.copy_GBps", "must be >= 0"]),
+])
+def test_malformed_serving_terms_say_what_is_wrong(mutate, words):
+    import copy
+    d = copy.deepcopy(BASE)
+    mutate(d["device"]["c"]["profile"])
+    with pytest.raises(ConfigError) as e:
+        Cluster.from_dict(d)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_measured_serving_host_work_is_the_step_less_its_program():
+    """The serving engine's decode steps on one device against the same stage program run alone: every step
+    costs more than its program (the host's share is what the profile keeps), and the copies between
+    stages have a positive fixed time and rate."""
+    import jax
+    from hexjax.calibrate import measure_serving_host, measure_stage_copies
+    runs = measure_serving_host(0, (1, 2), steps=12)
+    assert [r for r, *_ in runs] == [1, 2]
+    for _, step, alone in runs:
+        assert 0 < alone < step
+    fixed, rate = measure_stage_copies(jax.devices(), (1 << 10, 1 << 20), 3)
+    assert fixed > 0 and rate > 0

@@ -9,7 +9,7 @@ import typer
 
 
 def calibrate_cmd(out: Path | None, quick: bool, model: str, dtypes: str | None, name: str | None,
-                  price: float, as_json: bool) -> None:
+                  price: float, as_json: bool, serving: bool = True) -> None:
     from hexjax.calibrate import DTYPES, calibrate
     from hexjax.cluster import Cluster
     from hexjax.errors import ConfigError
@@ -26,7 +26,8 @@ def calibrate_cmd(out: Path | None, quick: bool, model: str, dtypes: str | None,
     if price < 0:
         raise ConfigError(f"--price {price}: a price per hour cannot be negative. Fix: give 0 or more")
     say = (lambda m: None) if as_json else (lambda m: typer.echo(f"  measuring {m} ...", err=True))
-    cal = calibrate(quick, model=model, dtypes=chosen, name=name, price_per_hour=price, progress=say)
+    cal = calibrate(quick, model=model, dtypes=chosen, name=name, price_per_hour=price, progress=say,
+                    serving=serving)
     text = cal.to_toml()
     Cluster.from_dict(__import__("tomllib").loads(text), source="<calibration>")   # what we write must load
     if out is not None:
@@ -39,7 +40,10 @@ def calibrate_cmd(out: Path | None, quick: bool, model: str, dtypes: str | None,
             "name": cal.name, "device_kind": cal.device_kind, "num_devices": cal.num_devices,
             "peak_flops": spec.peak_flops, "memory_bandwidth_Bps": spec.memory_bandwidth_Bps,
             "link_bandwidth_Bps": bw, "link_latency_s": lat, "host_to_device_Bps": cal.h2d_Bps,
-            "device_to_host_Bps": cal.d2h_Bps,
+            "device_to_host_Bps": cal.d2h_Bps, "stage_copy_latency_s": cal.copy_latency_s,
+            "stage_copy_Bps": cal.copy_Bps, "host_pass_s": spec.profile.host_pass_s,
+            "host_row_s": spec.profile.host_row_s,
+            "serving_steps": [{"rows": r, "step_s": st, "program_s": pr} for r, st, pr in cal.serving],
             "matmul": [{"dtype": d, "rows": r, "k": k, "flops_per_s": f} for d, r, k, f in cal.matmul],
             "layers": [{"phase": r.phase, "batch": r.batch, "context": r.context, "dtype": r.dtype,
                         "measured_s": r.seconds, "predicted_s": cal.predicted_layer_s(r, spec)} for r in cal.layers],
@@ -61,6 +65,12 @@ def calibrate_cmd(out: Path | None, quick: bool, model: str, dtypes: str | None,
         t.add_row(r.phase, r.dtype, str(r.batch), str(r.context), f"{r.seconds * 1e3:.3f}",
                   f"{cal.predicted_layer_s(r, spec) * 1e3:.3f}")
     con.print(t)
+    if cal.serving:
+        con.print(f"serving engine host work: {spec.profile.host_pass_s * 1e6:.3g} us per pass + "
+                  f"{spec.profile.host_row_s * 1e6:.3g} us per row (decode steps, rows: step vs program alone: "
+                  + ", ".join(f"{r}: {st * 1e3:.3f} vs {pr * 1e3:.3f} ms" for r, st, pr in cal.serving) + ")")
+    if cal.copy_Bps:
+        con.print(f"copies between stages: {cal.copy_latency_s * 1e6:.3g} us + bytes at {cal.copy_Bps / 1e9:.3g} GB/s")
     curves = "; ".join(f"{k}: " + ", ".join(f"{int(rows)} rows {e:.2f}" for rows, e in pts)
                        for k, pts in spec.profile.flops_efficiency)
     con.print(f"efficiency vs rows: {curves}")
@@ -79,7 +89,11 @@ def register(app: typer.Typer) -> None:
                                                                  "(default: both; float32 with --quick)."),
         name: str | None = typer.Option(None, "--name", help="Device name in the profile (default local-<kind>)."),
         price: float = typer.Option(0.0, "--price", help="Price per device-hour written into the profile."),
+        serving: bool = typer.Option(True, "--serving/--no-serving",
+                                     help="Also measure the serving engine's host work per step and the copies "
+                                          "between stages (what `hexjax simulate` adds to a step)."),
         as_json: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object."),
     ) -> None:
-        """Measure the local devices (matmul, memory, one layer, all-reduce, copies) into a device profile."""
-        calibrate_cmd(out, quick, model, dtypes, name, price, as_json)
+        """Measure the local devices (matmul, memory, one layer, all-reduce, copies, the serving engine's host
+        work) into a device profile."""
+        calibrate_cmd(out, quick, model, dtypes, name, price, as_json, serving)

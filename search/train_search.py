@@ -509,7 +509,7 @@ def _undominated(found: list[TrainChoice], sym: Symmetry) -> list[TrainChoice]:
 
 # ---- every layer split (small problems) ----
 
-SPLIT_LIMIT = 400_000
+SPLIT_LIMIT = 50_000
 """Most (footprint order, layer split, share) choices for which every layer split becomes a candidate."""
 
 

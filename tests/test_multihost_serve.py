@@ -136,6 +136,18 @@ def _stream(run: Run, prompt, max_tokens: int, tokens: list, first: threading.Ev
     first.set()
 
 
+def _kill_and_wait(run, pid: int) -> tuple[int, float]:
+    """SIGKILL one process of the run; the launcher's exit code and how long the rest took to end."""
+    os.kill(pid, signal.SIGKILL)
+    t = time.monotonic()
+    code = run.wait(120)
+    return code, time.monotonic() - t
+
+
+def _exit_codes(err: str) -> str:
+    return err.split("exit codes per process: ")[1].splitlines()[0]
+
+
 def test_two_processes_serve_one_process_tokens_and_a_lost_follower_stops_the_server(tmp_path, reference):
     run = Run(tmp_path)
     try:
@@ -174,10 +186,7 @@ def test_two_processes_serve_one_process_tokens_and_a_lost_follower_stops_the_se
         streamer = threading.Thread(target=_stream, args=(run, LONG, 48, tokens, first, errors), daemon=True)
         streamer.start()
         assert first.wait(120), run.stderr()
-        os.kill(pids[1], signal.SIGKILL)
-        t = time.monotonic()
-        code = run.wait(120)
-        took = time.monotonic() - t
+        code, took = _kill_and_wait(run, pids[1])
     finally:
         run.kill()
     err = run.stderr()
@@ -185,7 +194,7 @@ def test_two_processes_serve_one_process_tokens_and_a_lost_follower_stops_the_se
     assert took < 40, (took, err)
     assert "killing process" not in err, err   # process 0 ended by itself, not by the launcher
     assert "error: process 1 of the run stopped answering" in err, err
-    codes = err.split("exit codes per process: ")[1].splitlines()[0]
+    codes = _exit_codes(err)
     assert codes == "0: 1, 1: -9", codes
 
 
@@ -244,16 +253,13 @@ def test_a_lost_process_0_ends_the_follower(tmp_path):
     try:
         run.wait_up()
         pids = _children(run.proc.pid)
-        os.kill(pids[0], signal.SIGKILL)
-        t = time.monotonic()
-        code = run.wait(120)
-        took = time.monotonic() - t
+        code, took = _kill_and_wait(run, pids[0])
     finally:
         run.kill()
     err = run.stderr()
     assert code != 0 and took < 40, (took, err)
     assert "killing process" not in err, err   # the follower ended by itself
-    codes = err.split("exit codes per process: ")[1].splitlines()[0]
+    codes = _exit_codes(err)
     assert codes.startswith("0: -9, 1: ") and codes != "0: -9, 1: 0", codes
     # JAX ends it at once when the coordination service goes (its message names the leader task), or this
     # run's watch does first

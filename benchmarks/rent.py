@@ -1,9 +1,18 @@
-"""What renting a mix of device types saves: the cheapest rental for three request mixes, against the best
-single device type and against renting every device on offer (e.g. all of hexgen-full).
+"""What renting a mix of device types saves (Mélange's question): the cheapest rental for a request-size trace
+at several rates and time-per-output-token SLOs, against renting one device type only.
 
-    python benchmarks/rent.py [--model llama-2-7b] [--rate 4] [--slo 30] [--offers examples/offers/cloud.toml ...]
+    python benchmarks/rent.py [--model llama-2-7b] [--offers examples/offers/melange.toml ...]
+        [--traces conversational,long-document,mixed] [--rates 1,2,4,8,16] [--tpot-ms 120,40]
 
-Everything here is the cost model's prediction (no device runs); the search is exact over its plan space
+Per offers file, trace and SLO it prints, per rate, the $/h of: the mix (replicas may serve several request
+sizes, time divided among them, as Mélange packs slices of a workload onto GPUs); the same with one request
+size per replica (``rent(share=False)``); each single device type (with sharing). Then the saving of the mix
+against the best and the worst single type at that rate, and against renting everything on offer. Mélange's
+headline figures ("up to 77%") are its largest saving against any single-type baseline over its rates, so
+the worst-type column is the one comparable with them.
+
+The request mix is the trace cut into ``--buckets`` groups of equal count (``mix_from_trace``). Everything is
+the cost model's prediction from datasheet figures (no device runs); the search is exact over its plan space
 (see search/rent.py), so the savings are those of the model, not measured ones.
 """
 
@@ -11,63 +20,92 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
-MIXES = {
-    # short chat turns, as in conversational traces
-    "conversational": [(128, 128, 0.5), (512, 256, 0.35), (1024, 256, 0.15)],
-    # summarising long documents
-    "long-document": [(1536, 256, 0.3), (2560, 256, 0.4), (3584, 384, 0.3)],
-    # half of each
-    "mixed": [(128, 128, 0.25), (512, 256, 0.175), (1024, 256, 0.075),
-              (1536, 256, 0.15), (2560, 256, 0.2), (3584, 384, 0.15)],
-}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-2-7b")
-    ap.add_argument("--rate", type=float, default=4.0, help="requests/s")
-    ap.add_argument("--slo", type=float, default=30.0, help="end-to-end latency bound, seconds")
-    ap.add_argument("--batches", default="1,4,16")
-    ap.add_argument("--offers", nargs="+", default=["examples/offers/cloud.toml", "examples/offers/hexgen-full.toml"])
-    ap.add_argument("--mixes", default=",".join(MIXES))
+    ap.add_argument("--offers", nargs="+", default=["examples/offers/melange.toml"])
+    ap.add_argument("--traces", default="conversational,long-document,mixed",
+                    help="names in examples/traces/ or paths to .jsonl files")
+    ap.add_argument("--buckets", type=int, default=6, help="request-size buckets cut from each trace")
+    ap.add_argument("--rates", default="1,2,4,8,16", help="requests/s")
+    ap.add_argument("--tpot-ms", default="120,40", help="time-per-output-token SLOs (ms); 0: none")
+    ap.add_argument("--slo", type=float, default=None, help="end-to-end latency bound, seconds (default none)")
+    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--max-stages", type=int, default=1, help="pipeline stages per replica (1: each replica on one "
+                                                               "machine, as Mélange serves; more is slower to solve)")
     args = ap.parse_args()
 
     from hexjax.errors import PlanError
-    from hexjax.search.rent import Bucket, load_offers, price_all, rent
+    from hexjax.search.rent import load_offers, mix_from_trace, price_all, rent_rates
+    from hexjax.trace import load_trace
 
     batches = tuple(int(b) for b in args.batches.split(","))
-    print(f"model {args.model}, {args.rate:g} requests/s, SLO {args.slo:g} s end to end, batch sizes {batches}")
+    rates = [float(r) for r in args.rates.split(",")]
+    tpots = [float(t) / 1e3 if float(t) > 0 else None for t in args.tpot_ms.split(",")]
+    print(f"model {args.model}; rates {', '.join(f'{r:g}' for r in rates)} requests/s; batch sizes {batches}; "
+          f"at most {args.max_stages} pipeline stage(s) per replica; "
+          f"end-to-end SLO {f'{args.slo:g} s' if args.slo else 'none'}")
     for path in args.offers:
-        offers = load_offers(path)
+        offers = load_offers(ROOT / path if not Path(path).is_absolute() else path)
         types = sorted({o.device for o in offers.offers})
-        print(f"\n== {offers.name} ({path}): {offers.cluster.num_devices} devices on offer, "
-              f"${price_all(offers):.2f}/h for all of them; types {', '.join(types)}")
-        for mix_name in args.mixes.split(","):
-            mix = [Bucket(p, o, s) for p, o, s in MIXES[mix_name]]
-            t0 = time.perf_counter()
-            try:
-                best = rent(args.model, offers, mix, args.rate, args.slo, batches)
-            except PlanError as e:
-                print(f"{mix_name:15s} no rental serves it: {e}")
-                continue
-            singles = {}
-            for dev in types:
+        prices = {o.device: offers.cluster.hosts[offers.offer_of_host.index(k)].device.price_per_hour
+                  for k, o in enumerate(offers.offers)}
+        print(f"\n== {offers.name} ({path}): {offers.cluster.num_devices} devices on offer "
+              f"(${price_all(offers):.2f}/h for all); " + ", ".join(f"{d} ${prices[d]:.2f}/h" for d in types))
+        for name in args.traces.split(","):
+            tpath = Path(name) if name.endswith(".jsonl") else ROOT / f"examples/traces/{name}.jsonl"
+            trace = load_trace(tpath)
+            mix = mix_from_trace(trace, args.buckets)
+            sizes = ", ".join(f"{b.prompt_len}/{b.output_len}" for b in mix)
+            for tpot in tpots:
+                t0 = time.perf_counter()
+
+                def run(o, share=True):
+                    return rent_rates(args.model, o, mix, rates, args.slo, batches, args.max_stages, share=share,
+                                      tpot_slo_s=tpot)
+
+                def priced(o, share=True):
+                    try:
+                        return [r.price_per_hour if not isinstance(r, PlanError) else float("inf")
+                                for r in run(o, share)]
+                    except PlanError:
+                        return [float("inf")] * len(rates)
+
                 try:
-                    singles[dev] = rent(args.model, offers.restricted(lambda k, o: o.device == dev), mix,
-                                        args.rate, args.slo, batches).price_per_hour
-                except PlanError:
-                    singles[dev] = float("inf")
-            single_dev = min(singles, key=singles.get)
-            single = singles[single_dev]
-            rented = ", ".join(f"{n} {o.device}@{o.zone}" for o, n in zip(offers.offers, best.devices) if n)
-            vs_single = (f"{1 - best.price_per_hour / single:.0%} cheaper than the best single type "
-                         f"({single_dev}, ${single:.2f}/h)" if single < float("inf") else "no single type serves it")
-            print(f"{mix_name:15s} ${best.price_per_hour:6.2f}/h: {rented}; {vs_single}; "
-                  f"{1 - best.price_per_hour / price_all(offers):.0%} cheaper than renting everything "
-                  f"(${price_all(offers):.2f}/h); {time.perf_counter() - t0:.1f} s")
-            print(" " * 16 + "single types: " + ", ".join(
-                f"{d} ${p:.2f}/h" if p < float("inf") else f"{d} -" for d, p in singles.items()))
+                    best = run(offers)
+                except PlanError as e:
+                    print(f"-- {trace.name}, TPOT {tpot and tpot * 1e3:g} ms: no rental serves it: {e}")
+                    continue
+                split = priced(offers, share=False)
+                singles = {d: priced(offers.restricted(lambda k, o, d=d: o.device == d)) for d in types}
+                slo_txt = f"TPOT <= {tpot * 1e3:g} ms" if tpot else "no TPOT bound"
+                print(f"\n-- {trace.name} ({len(trace)} requests; buckets prompt/output {sizes}), {slo_txt}")
+                print(f"   {'req/s':>6s}  {'mix $/h':>8s}  {'1 size/rep':>10s}  "
+                      + "  ".join(f"{d:>9s}" for d in types)
+                      + f"  {'vs best':>8s}  {'vs worst':>8s}  {'vs all':>7s}  mix uses")
+                for k, rate in enumerate(rates):
+                    r = best[k]
+                    single = [singles[d][k] for d in types]
+                    fmt = lambda v: f"{v:9.2f}" if v < float("inf") else f"{'-':>9s}"
+                    if isinstance(r, PlanError):
+                        print(f"   {rate:6g}  {'-':>8s}  {fmt(split[k]):>10s}  " + "  ".join(fmt(v) for v in single))
+                        continue
+                    ok = [v for v in single if v < float("inf")]
+                    vs_best = f"{1 - r.price_per_hour / min(ok):8.0%}" if ok else f"{'-':>8s}"
+                    vs_worst = f"{1 - r.price_per_hour / max(ok):8.0%}" if ok else f"{'-':>8s}"
+                    used: dict = {}
+                    for o, n in zip(offers.offers, r.devices):
+                        used[o.device] = used.get(o.device, 0) + n
+                    print(f"   {rate:6g}  {r.price_per_hour:8.2f}  {fmt(split[k]):>10s}  "
+                          + "  ".join(fmt(v) for v in single) + f"  {vs_best}  {vs_worst}  "
+                          + f"{1 - r.price_per_hour / price_all(offers):7.0%}  "
+                          + ", ".join(f"{n} {d}" for d, n in used.items() if n))
+                print(f"   ({time.perf_counter() - t0:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -33,10 +33,23 @@ by size) at one batch size from ``batches``. The integer program
 
 over every candidate pipeline ``c`` (the exact per-footprint DP of
 :mod:`hexjax.search.planner`, for each bucket and batch, within the SLO) and
-assignment ``a`` to hosts is solved to optimality by HiGHS. So the rental is
-exact over the plan space ``S(max_stages)`` with one bucket and batch per
-replica: Mélange's further freedom of letting one device serve a fraction of
-several buckets is not used.
+assignment ``a`` to hosts is solved to optimality by HiGHS. With
+``share=False`` that is the program: exact over the plan space
+``S(max_stages)`` with one bucket and batch per replica.
+
+By default (``share=True``) a replica may serve several buckets, as a
+Mélange GPU serves slices of several request sizes: its time is divided
+among them, so the loads add up. Each candidate is valued on every bucket
+(:func:`hexjax.search.cost.predict_replica`: requests/s ``r_jb``, kept where
+it fits and meets the SLOs), ``f_jb >= 0`` is bucket ``b``'s requests/s sent
+to candidate ``j``'s replicas, and the bucket constraint becomes
+
+    Σ_b f_jb / r_jb <= x_j   for every candidate j,      Σ_j f_jb >= share_b rate   for every bucket b.
+
+Without it every bucket rounds its replicas up on its own, which at low rates
+costs a whole replica per bucket (three buckets: at least three replicas).
+``tpot_slo_s`` bounds the time per output token, Mélange's SLO; the layouts
+are still the DP's best end-to-end ones per footprint, filtered by it.
 """
 
 from __future__ import annotations
@@ -128,7 +141,8 @@ class Rental:
     """Per bucket served: the bucket, its batch sizes' replicas as one plan on the offers' cluster (the plan's
     workload carries the bucket's rate)."""
     requests_per_s: tuple[float, ...]
-    """Requests/s each bucket's replicas sustain (at least its share of the rate)."""
+    """Requests/s of each bucket the rented replicas sustain (at least its share of the rate; a replica's spare
+    time counted for its buckets in proportion to what they send it)."""
     shared_requests_per_s: tuple[float, ...]
     """The same with every network link's bandwidth shared among the replicas whose hops cross it (all buckets'
     replicas together, :func:`hexjax.search.cost.link_shares`); the program itself counts links unshared."""
@@ -136,6 +150,9 @@ class Rental:
     """Worst replica latency with shared links."""
     candidates: int
     """Candidate pipelines the program chose among."""
+    served: tuple[tuple[float, ...], ...] = ()
+    """Per entry of ``plans``: the requests/s of each bucket its replicas serve (with ``share``, a replica may
+    serve several buckets; otherwise only its own)."""
 
 
 _OFFER_KEYS = ("device", "zone", "available", "per_host", "price_per_hour")
@@ -259,14 +276,30 @@ def mix_from_trace(trace, buckets: int = 4) -> tuple[Bucket, ...]:
 
 
 def rent(model, offers: Offers, buckets, rate_per_s: float, slo_s: float | None = None,
-         batches: tuple[int, ...] = DEFAULT_BATCHES, max_stages: int | None = None, dtype_bytes: int = 2) -> Rental:
-    """The cheapest rental serving ``rate_per_s`` requests/s of the mix ``buckets`` within ``slo_s``."""
+         batches: tuple[int, ...] = DEFAULT_BATCHES, max_stages: int | None = None, dtype_bytes: int = 2,
+         share: bool = True, tpot_slo_s: float | None = None) -> Rental:
+    """The cheapest rental serving ``rate_per_s`` requests/s of the mix ``buckets`` within ``slo_s`` (end to
+    end) and ``tpot_slo_s`` (time per output token); ``share``: replicas may serve several buckets."""
+    out = rent_rates(model, offers, buckets, [rate_per_s], slo_s, batches, max_stages, dtype_bytes, share, tpot_slo_s)
+    if isinstance(out[0], PlanError):
+        raise out[0]
+    return out[0]
+
+
+def rent_rates(model, offers: Offers, buckets, rates, slo_s: float | None = None,
+               batches: tuple[int, ...] = DEFAULT_BATCHES, max_stages: int | None = None, dtype_bytes: int = 2,
+               share: bool = True, tpot_slo_s: float | None = None) -> list:
+    """:func:`rent` at each of ``rates`` (the candidates are found once): per rate a :class:`Rental`, or the
+    :class:`PlanError` saying why none serves it."""
     cfg = resolve_model(model)
     buckets = check_mix(buckets)
-    if not (isinstance(rate_per_s, (int, float)) and math.isfinite(rate_per_s) and rate_per_s > 0):
-        raise ConfigError(f"rent needs a positive rate in requests/s, got {rate_per_s!r}")
-    if slo_s is not None and not (slo_s > 0 and math.isfinite(slo_s)):
-        raise ConfigError(f"the SLO must be a positive number of seconds, got {slo_s!r}")
+    rates = list(rates)
+    for rate_per_s in rates:
+        if not (isinstance(rate_per_s, (int, float)) and math.isfinite(rate_per_s) and rate_per_s > 0):
+            raise ConfigError(f"rent needs a positive rate in requests/s, got {rate_per_s!r}")
+    for name, v in (("SLO", slo_s), ("time-per-output-token SLO", tpot_slo_s)):
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise ConfigError(f"the {name} must be a positive number of seconds, got {v!r}")
     batches = tuple(sorted(set(batches)))
     if not batches or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in batches):
         raise ConfigError(f"batch sizes must be positive integers, got {batches!r}")
@@ -275,7 +308,8 @@ def rent(model, offers: Offers, buckets, rate_per_s: float, slo_s: float | None 
     if max_stages is None:
         max_stages = auto_max_stages(sym, cluster.num_devices)
     cols = []          # (bucket index, workload, candidate, hosts per stage)
-    col_price, col_rate = [], []
+    col_price = []
+    seen = set()
     for bi, b in enumerate(buckets):
         for batch in batches:
             wl = Workload(b.prompt_len, b.output_len, batch)
@@ -287,29 +321,95 @@ def rent(model, offers: Offers, buckets, rate_per_s: float, slo_s: float | None 
             for c in prune_dominated(cands, sym):
                 price = sum(cluster.hosts[sym.classes[cls].hosts[0]].device.price_per_hour * u for cls, u in c.pieces)
                 for hosts in assignments(c, sym):
+                    key = (batch, c.pieces, c.layer_counts, c.meshes, tuple(hosts))
+                    if share and key in seen:     # the same replica found for another bucket: valued on all anyway
+                        continue
+                    seen.add(key)
                     cols.append((bi, wl, c, hosts))
                     col_price.append(price)
-                    col_rate.append(batch / c.cycle_s)
-    missing = [b for bi, b in enumerate(buckets) if not any(c[0] == bi for c in cols)]
+    R = _rates(cfg, cluster, buckets, cols, slo_s, tpot_slo_s, share, dtype_bytes)
+    keep = _undominated(cols, col_price, R, cluster)
+    cols, col_price, R = [cols[j] for j in keep], [col_price[j] for j in keep], R[keep]
+    missing = [b for bi, b in enumerate(buckets) if not R[:, bi].any()]
     if missing:
         b = missing[0]
+        within = [f"{slo_s * 1e3:.1f} ms end to end" if slo_s is not None else "",
+                  f"{tpot_slo_s * 1e3:.1f} ms per output token" if tpot_slo_s is not None else ""]
+        within = " and ".join(w for w in within if w)
         raise PlanError(f"no pipeline on the offers serves requests of {b.prompt_len}+{b.output_len} tokens "
-                        + (f"within the SLO of {slo_s * 1e3:.1f} ms" if slo_s is not None else "at all")
+                        + (f"within the SLO of {within}" if within else "at all")
                         + f" (batch sizes {', '.join(map(str, batches))}); relax the SLO, try batch 1 or offer "
                         "larger or faster devices")
-    x = _solve(cols, col_price, col_rate, cluster, buckets, rate_per_s)
-    return _rental(cfg, offers, buckets, cols, col_price, col_rate, x, dtype_bytes, rate_per_s, slo_s)
+    out = []
+    for rate_per_s in rates:
+        try:
+            x, f = _solve(cols, col_price, R, cluster, buckets, rate_per_s)
+        except PlanError as e:
+            out.append(e)
+            continue
+        out.append(_rental(cfg, offers, buckets, cols, col_price, R, x, f, dtype_bytes, rate_per_s, slo_s))
+    return out
 
 
-def _solve(cols, col_price, col_rate, cluster, buckets, rate_per_s) -> np.ndarray:
+def _rates(cfg, cluster, buckets, cols, slo_s, tpot_slo_s, share, dtype_bytes) -> np.ndarray:
+    """``[column, bucket]`` requests/s one replica of the column sustains on the bucket's requests (0: it may
+    not serve them). Without ``share`` only the column's own bucket, at the DP's latency."""
+    R = np.zeros((len(cols), len(buckets)))
+    empty = free_devices(cluster)
+    for j, (bi, wl, c, hosts) in enumerate(cols):
+        if not share and tpot_slo_s is None:
+            R[j, bi] = wl.batch / c.cycle_s
+            continue
+        rep = place_replica(cluster, {h: list(d) for h, d in empty.items()}, hosts, c.layer_counts, c.meshes)
+        for b2, b in enumerate(buckets):
+            if not share and b2 != bi:
+                continue
+            pred = cost.predict_replica(rep, cfg, cluster, Workload(b.prompt_len, b.output_len, wl.batch), dtype_bytes)
+            if not pred.fits or (slo_s is not None and pred.latency_s > slo_s) \
+                    or (tpot_slo_s is not None and pred.tpot_s > tpot_slo_s):
+                continue
+            R[j, b2] = wl.batch / c.cycle_s if (b2 == bi and not share) else pred.requests_per_s
+    return R
+
+
+def _usage(cols, cluster) -> np.ndarray:
+    """``[column, host]`` devices one replica of the column takes."""
+    U = np.zeros((len(cols), cluster.num_hosts))
+    for j, (_, _, c, hosts) in enumerate(cols):
+        for h, (_, u) in zip(hosts, c.pieces):
+            U[j, h] += u
+    return U
+
+
+def _undominated(cols, col_price, R, cluster) -> list[int]:
+    """Columns no other column beats: one taking no more devices of any host, costing no more and serving every
+    bucket at least as fast (strictly better somewhere, or equal and earlier) could replace it in any rental,
+    so dropping it keeps the optimum."""
+    U = _usage(cols, cluster)
+    P = np.asarray(col_price, float)
+    live = np.flatnonzero(R.max(axis=1) > 0)
+    keep = []
+    for j in live:
+        no_worse = (U[live] <= U[j]).all(1) & (P[live] <= P[j]) & (R[live] >= R[j]).all(1)
+        better = (U[live] < U[j]).any(1) | (P[live] < P[j]) | (R[live] > R[j]).any(1) | (live < j)
+        if not (no_worse & better & (live != j)).any():
+            keep.append(int(j))
+    return keep
+
+
+def _solve(cols, col_price, R, cluster, buckets, rate_per_s) -> tuple[np.ndarray, np.ndarray]:
+    """Integer replicas per column ``x`` and requests/s per (column, bucket) ``f`` of the cheapest rental."""
     from scipy.optimize import Bounds, LinearConstraint
 
     from hexjax.search.milp import milp
 
-    n, H = len(cols), cluster.num_hosts
-    A = np.zeros((H, n))
-    C = np.zeros((len(buckets), n))
-    ub = np.zeros(n)
+    n, H, K = len(cols), cluster.num_hosts, len(buckets)
+    pairs = [(j, b) for j in range(n) for b in range(K) if R[j, b] > 0]
+    m = len(pairs)
+    A = np.zeros((H, n + m))            # devices per host
+    L = np.zeros((n, n + m))            # replica time: Σ_b f_jb / r_jb - x_j <= 0
+    C = np.zeros((K, n + m))            # requests/s per bucket
+    ub = np.zeros(n + m)
     for j, (bi, _, c, hosts) in enumerate(cols):
         use = defaultdict(int)
         for h, (_, u) in zip(hosts, c.pieces):
@@ -317,55 +417,78 @@ def _solve(cols, col_price, col_rate, cluster, buckets, rate_per_s) -> np.ndarra
         for h, u in use.items():
             A[h, j] += u
         ub[j] = min(cluster.hosts[h].count // u for h, u in use.items())
-        C[bi, j] = col_rate[j]
+        L[j, j] = -1.0
+    for k, (j, b) in enumerate(pairs):
+        L[j, n + k] = 1.0 / R[j, b]
+        C[b, n + k] = 1.0
+        ub[n + k] = R[j, b] * ub[j]
     caps = np.array([h.count for h in cluster.hosts], float)
     need = np.array([b.share * rate_per_s * (1 - TIE) for b in buckets])
     # most each bucket could get with every device to itself: says which bucket is short, if one is
     for bi, b in enumerate(buckets):
-        most = max((col_rate[j] * ub[j] for j in range(n) if cols[j][0] == bi), default=0.0)
-        if C[bi].any() and need[bi] > 0 and most == 0:
+        if need[bi] > 0 and max((R[j, bi] * ub[j] for j in range(n)), default=0.0) == 0:
             raise PlanError(f"bucket {b.prompt_len}+{b.output_len} has no pipeline that fits the offers")
-    res = milp(np.array(col_price), constraints=[LinearConstraint(A, -np.inf, caps), LinearConstraint(C, need, np.inf)],
-               integrality=np.ones(n), bounds=Bounds(0, ub), options={"mip_rel_gap": 0.0, "presolve": True})
+    cost_vec = np.concatenate([np.array(col_price, float), np.zeros(m)])
+    res = milp(cost_vec, constraints=[LinearConstraint(A, -np.inf, caps), LinearConstraint(L, -np.inf, 0.0),
+                                      LinearConstraint(C, need, np.inf)],
+               integrality=np.concatenate([np.ones(n), np.zeros(m)]), bounds=Bounds(0, ub),
+               options={"mip_rel_gap": 0.0, "presolve": True})
     if res.status != 0 or res.x is None:
         raise PlanError(f"the offers cannot serve {rate_per_s:g} requests/s of this mix within the constraints "
                         f"({res.message.rstrip('.')}); lower the rate, relax the SLO or offer more devices")
-    return np.round(res.x).astype(int)
+    x = np.round(res.x[:n]).astype(int)
+    f = np.zeros((n, K))
+    for k, (j, b) in enumerate(pairs):
+        f[j, b] = max(res.x[n + k], 0.0) if x[j] > 0 else 0.0
+    # what the rented replicas sustain: each one's spare time goes to its buckets in proportion
+    for j in np.flatnonzero(x):
+        busy = sum(f[j, b] / R[j, b] for b in range(K) if R[j, b] > 0)
+        if busy > 0:
+            f[j] *= x[j] / busy
+        else:
+            b = cols[j][0] if R[j, cols[j][0]] > 0 else int(np.argmax(R[j]))
+            f[j, b] = x[j] * R[j, b]
+    return x, f
 
 
-def _rental(cfg, offers, buckets, cols, col_price, col_rate, x, dtype_bytes, rate_per_s, slo_s) -> Rental:
+def _rental(cfg, offers, buckets, cols, col_price, R, x, f, dtype_bytes, rate_per_s, slo_s) -> Rental:
     cluster = offers.cluster
     free = free_devices(cluster)
     used = [0] * len(offers.offers)
     per_bucket: dict = defaultdict(list)
-    rates = [0.0] * len(buckets)
+    carried: dict = defaultdict(lambda: np.zeros(len(buckets)))
     order = sorted((j for j in range(len(cols)) if x[j] > 0), key=lambda j: (cols[j][0], cols[j][1].batch, j))
     for j in order:
         bi, wl, c, hosts = cols[j]
-        rates[bi] += x[j] * col_rate[j]
+        carried[(bi, wl.batch)] += f[j]
         for _ in range(x[j]):
             for h, (_, u) in zip(hosts, c.pieces):
                 used[offers.offer_of_host[h]] += u
-            per_bucket[(bi, wl.batch)].append(place_replica(cluster, free, hosts, c.layer_counts, c.meshes))
-    plans = []
+            per_bucket[(bi, wl.batch)].append((j, place_replica(cluster, free, hosts, c.layer_counts, c.meshes)))
+    plans, served = [], []
     for (bi, batch), reps in sorted(per_bucket.items()):
         b = buckets[bi]
         wl = Workload(b.prompt_len, b.output_len, batch, b.share * rate_per_s, slo_s)
-        p = Plan(cfg.name, cluster.fingerprint(), tuple(reps), wl, "cost", dtype_bytes)
+        p = Plan(cfg.name, cluster.fingerprint(), tuple(r for _, r in reps), wl, "cost", dtype_bytes)
         pred = cost.predict(p, cfg, cluster, wl)
         plans.append((b, batch, Plan(p.model, p.cluster_fingerprint, p.replicas, wl, "cost", dtype_bytes,
-                                     pred.to_dict())))
+                                     pred.to_dict()), [j for j, _ in reps]))
+        served.append(tuple(float(v) for v in carried[(bi, batch)]))
+    rates = f.sum(axis=0)
     price = float(sum(x[j] * col_price[j] for j in range(len(cols))))
-    everything = Plan(cfg.name, cluster.fingerprint(), tuple(r for _, _, p in plans for r in p.replicas))
+    everything = Plan(cfg.name, cluster.fingerprint(), tuple(r for _, _, p, _ in plans for r in p.replicas))
     shares = cost.link_shares(everything, cluster)
-    shared = [0.0] * len(buckets)
+    shared = np.zeros(len(buckets))
     worst = 0.0
-    for (b, batch, p) in plans:
-        for rep in p.replicas:
+    for (b, batch, p, js) in plans:
+        for rep, j in zip(p.replicas, js):
+            own = cost.predict_replica(rep, cfg, cluster, p.workload, dtype_bytes)
             rp = cost.predict_replica(rep, cfg, cluster, p.workload, dtype_bytes, shares)
-            shared[buckets.index(b)] += rp.requests_per_s
+            # a shared link slows the replica on every bucket it serves alike (the hops scale with the work)
+            shared += f[j] / x[j] * (rp.requests_per_s / own.requests_per_s)
             worst = max(worst, rp.latency_s)
-    return Rental(tuple(used), price, tuple(plans), tuple(float(r) for r in rates), tuple(shared), worst, len(cols))
+    return Rental(tuple(used), price, tuple((b, batch, p) for b, batch, p, _ in plans), tuple(float(r) for r in rates),
+                  tuple(float(r) for r in shared), worst, len(cols), tuple(served))
 
 
 def price_all(offers: Offers) -> float:
@@ -373,5 +496,5 @@ def price_all(offers: Offers) -> float:
     return offers.cluster.price_per_hour
 
 
-__all__ = ["Offer", "Offers", "Bucket", "Rental", "load_offers", "offers_from_dict", "rent", "check_mix",
+__all__ = ["Offer", "Offers", "Bucket", "Rental", "load_offers", "offers_from_dict", "rent", "rent_rates", "check_mix",
            "mix_from_trace", "price_all", "DEFAULT_BATCHES", "DEFAULT_MAX_STAGES"]

@@ -6,6 +6,7 @@ import json
 import random
 import sys
 
+import numpy as np
 import pytest
 
 from hexjax.cluster import Cluster
@@ -97,7 +98,8 @@ def test_single_size_rental_equals_the_cheapest_plan_over_every_rental(seed):
 
 @pytest.mark.parametrize("seed", [11, 13, 15])
 def test_two_size_mix_equals_the_cheapest_split_of_every_rental(seed):
-    # every way to give each host's devices to the short bucket, the long one or nobody, planned per bucket
+    # without sharing (each replica serves one bucket): every way to give each host's devices to the short
+    # bucket, the long one or nobody, planned per bucket
     offers = random_offers(seed, max_hosts=2)
     c = offers.cluster
     mix = [Bucket(16, 8, 0.85), Bucket(64, 16, 0.15)]
@@ -114,7 +116,7 @@ def test_two_size_mix_equals_the_cheapest_split_of_every_rental(seed):
                                        Workload(w.prompt_len, w.output_len, 2, b.share * rate), None, 2)
             best = min(best, total)
         try:
-            got = rent(CFG, offers, mix, rate, None, batches=(2,), max_stages=2)
+            got = rent(CFG, offers, mix, rate, None, batches=(2,), max_stages=2, share=False)
         except PlanError:
             assert best == float("inf"), (seed, frac)
             continue
@@ -122,6 +124,90 @@ def test_two_size_mix_equals_the_cheapest_split_of_every_rental(seed):
         assert got.price_per_hour == pytest.approx(best, rel=1e-9), (seed, frac)
         assert all(r >= b.share * rate * (1 - 1e-9) for r, b in zip(got.requests_per_s, mix))
     assert feasible
+
+
+def one_device_offers(seed: int):
+    """2-3 device kinds that each hold the model alone, one device per machine, so every replica is one device."""
+    rng = random.Random(seed)
+    kinds, offers = {}, []
+    for i in range(rng.randint(2, 3)):
+        kinds[f"d{i}"] = {"memory_GiB": MODEL_BYTES * rng.choice([1.6, 3.0, 5.0]) / 2**30,
+                          "tflops": rng.choice([5e8, 2e9, 8e9]) / 1e12,
+                          "memory_bandwidth_GBps": rng.choice([5e7, 2e8, 8e8]) / 1e9,
+                          "intra_bandwidth_GBps": 0.01, "price_per_hour": rng.choice([0.2, 0.5, 1.0, 2.0])}
+        offers.append({"device": f"d{i}", "zone": "a", "available": rng.randint(1, 3), "per_host": 1})
+    return offers_from_dict({"name": f"one{seed}", "device": kinds, "offer": offers})
+
+
+def cheapest_shared_rental(offers, mix, rate, batch, slo, tpot_slo) -> float:
+    """Every number of devices of each offer; per device kind and bucket the requests/s one device serves (the
+    cost model on a one-device plan); a rental serves the mix if its devices' time can be divided among the
+    buckets (a linear program). The least price of a rental that does."""
+    from scipy.optimize import linprog
+
+    from hexjax.plan import Plan, Replica, Stage
+    from hexjax.search import cost
+    c = offers.cluster
+    first = [offers.offer_of_host.index(k) for k in range(len(offers.offers))]
+    r = np.zeros((len(offers.offers), len(mix)))
+    for k, h in enumerate(first):
+        host = c.hosts[h]
+        dev = sum(x.count for x in c.hosts[:h])
+        for b, bk in enumerate(mix):
+            wl = Workload(bk.prompt_len, bk.output_len, batch)
+            p = Plan(CFG.name, c.fingerprint(), (Replica((Stage((0, CFG.num_layers), (dev,), 1, 1, host.name),)),), wl)
+            pred = cost.predict(p, CFG, c, wl)
+            if pred.fits and (slo is None or pred.latency_s <= slo) and (tpot_slo is None or pred.tpot_s <= tpot_slo):
+                r[k, b] = pred.requests_per_s
+    K, B = r.shape
+    best = float("inf")
+    for counts in itertools.product(*(range(o.available + 1) for o in offers.offers)):
+        price = sum(n * c.hosts[h].device.price_per_hour for n, h in zip(counts, first))
+        if price >= best:
+            continue
+        # variables f[k, b] >= 0 (requests/s of bucket b on kind k): Σ_b f/r <= n_k, Σ_k f >= share * rate
+        A, rhs = [], []
+        for k in range(K):
+            A.append([1 / r[k, b] if r[k, b] > 0 and kk == k else 0.0 for kk in range(K) for b in range(B)])
+            rhs.append(counts[k])
+        for b in range(B):
+            A.append([-1.0 if bb == b else 0.0 for k in range(K) for bb in range(B)])
+            rhs.append(-mix[b].share * rate)
+        bounds = [(0, None) if r[k, b] > 0 else (0, 0) for k in range(K) for b in range(B)]
+        if linprog(np.zeros(K * B), A_ub=A, b_ub=rhs, bounds=bounds).status == 0:
+            best = price
+    return best
+
+
+@pytest.mark.parametrize("seed", [3, 5, 6, 7])
+def test_shared_replicas_equal_the_cheapest_of_every_rental(seed):
+    # replicas serving several buckets (time divided among them, Mélange's packing) against every rental
+    offers = one_device_offers(seed)
+    mix = [Bucket(16, 8, 0.6), Bucket(64, 16, 0.25), Bucket(128, 32, 0.15)]
+    c = offers.cluster
+    most = 1 / sum(b.share / most_requests(c, Workload(b.prompt_len, b.output_len, 2), 1) for b in mix)
+    feasible = cheaper = 0
+    tight = 1.5 * plan(CFG, c, Workload(128, 32, 2), objective="latency", max_stages=1).prediction["tpot_s"]
+    for frac, tpot in ((0.05, None), (0.2, None), (0.45, None), (0.7, None), (0.3, tight)):
+        rate = frac * most
+        oracle = cheapest_shared_rental(offers, mix, rate, 2, None, tpot)
+        try:
+            got = rent(CFG, offers, mix, rate, None, batches=(2,), max_stages=1, tpot_slo_s=tpot)
+        except PlanError:
+            assert oracle == float("inf"), (seed, frac)
+            continue
+        feasible += 1
+        assert got.price_per_hour == pytest.approx(oracle, rel=1e-9), (seed, frac, tpot)
+        assert all(r >= b.share * rate * (1 - 1e-6) for r, b in zip(got.requests_per_s, mix))
+        try:
+            split = rent(CFG, offers, mix, rate, None, batches=(2,), max_stages=1, tpot_slo_s=tpot,
+                         share=False).price_per_hour
+        except PlanError:       # one bucket per replica may not fit the offers at all where sharing does
+            split = float("inf")
+        assert got.price_per_hour <= split * (1 + 1e-9)
+        cheaper += got.price_per_hour < split * (1 - 1e-9)
+    assert feasible >= 3
+    assert cheaper        # at a low rate one replica per bucket is the waste sharing removes
 
 
 def test_rental_plans_are_valid_on_the_offers_cluster():
@@ -172,7 +258,9 @@ def test_cli_rent_json_and_errors(monkeypatch, capsys):
     assert code == 0, err
     d = json.loads(out)
     assert d["price_per_hour"] > 0 and d["rent"]
-    for extra, word in ((["--slo-ms", "1"], "SLO"), (["--batch", "0"], "--batch"), (["--rate", "-1"], "--rate")):
+    assert sum(sum(b["served_requests_per_s"]) for b in d["buckets"]) >= 2 * (1 - 1e-6)
+    for extra, word in ((["--slo-ms", "1"], "SLO"), (["--batch", "0"], "--batch"), (["--rate", "-1"], "--rate"),
+                        (["--tpot-slo-ms", "0"], "--tpot-slo-ms"), (["--tpot-slo-ms", "0.001"], "per output token")):
         code, out, err = run_cli(monkeypatch, capsys, *args, *extra)
         assert code == 2 and err.startswith("error:") and "Traceback" not in err, (extra, err)
         assert word in err, (extra, err)

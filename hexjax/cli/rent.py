@@ -28,7 +28,7 @@ def parse_batches(text: str | int | None) -> tuple[int, ...]:
 
 def rent_cmd(offers_file: Path, model: str, prompt_len: int | None, output_len: int | None,
              trace_file: Path | None, batch: str | int | None, rate: float | None, slo_ms: float | None,
-             max_stages: int | None, out: Path | None, as_json: bool) -> None:
+             max_stages: int | None, out: Path | None, as_json: bool, tpot_slo_ms: float | None = None) -> None:
     from hexjax.cli.plan import check_context, load_config, output_file
     from hexjax.search.rent import Bucket, load_offers, mix_from_trace, price_all, rent
 
@@ -38,6 +38,8 @@ def rent_cmd(offers_file: Path, model: str, prompt_len: int | None, output_len: 
         raise ConfigError(f"--slo-ms {slo_ms}: give a positive number of milliseconds")
     if max_stages is not None and max_stages < 1:
         raise ConfigError(f"--max-stages {max_stages}: give a positive integer")
+    if tpot_slo_ms is not None and not tpot_slo_ms > 0:
+        raise ConfigError(f"--tpot-slo-ms {tpot_slo_ms}: give a positive number of milliseconds")
     out = output_file(out, "--out")
     cfg = load_config(model)
     offers = load_offers(offers_file)
@@ -57,7 +59,8 @@ def rent_cmd(offers_file: Path, model: str, prompt_len: int | None, output_len: 
         mix = (Bucket(prompt_len, output_len, 1.0),)
     batches = parse_batches(batch)
     slo = slo_ms / 1e3 if slo_ms is not None else None
-    result = rent(cfg, offers, mix, rate, slo, batches, max_stages)
+    result = rent(cfg, offers, mix, rate, slo, batches, max_stages,
+                  tpot_slo_s=tpot_slo_ms / 1e3 if tpot_slo_ms is not None else None)
     summary = {
         "offers": offers.name, "model": cfg.name, "rate_per_s": rate, "slo_s": slo,
         "price_per_hour": result.price_per_hour, "price_all_offers_per_hour": price_all(offers),
@@ -67,7 +70,8 @@ def rent_cmd(offers_file: Path, model: str, prompt_len: int | None, output_len: 
                   "price_per_hour": n * offers.cluster.hosts[offers.offer_of_host.index(k)].device.price_per_hour}
                  for k, (o, n) in enumerate(zip(offers.offers, result.devices)) if n],
         "buckets": [{"prompt_len": b.prompt_len, "output_len": b.output_len, "share": b.share, "batch": bt,
-                     "replicas": len(p.replicas), "plan": p.to_dict()} for b, bt, p in result.plans],
+                     "replicas": len(p.replicas), "served_requests_per_s": list(served), "plan": p.to_dict()}
+                    for (b, bt, p), served in zip(result.plans, result.served)],
     }
     if out is not None:
         out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -89,14 +93,19 @@ def rent_cmd(offers_file: Path, model: str, prompt_len: int | None, output_len: 
         t.add_row(row["device"], row["zone"], str(row["devices"]), str(row["of"]), f"{row['price_per_hour']:.2f}")
     con.print(t)
     t = Table(title="replicas per request size")
-    for col in ("prompt+output", "share", "batch", "replicas", "req/s", "latency s", "stages (host: layers, mesh)"):
-        t.add_column(col, justify="left" if col.startswith(("prompt", "stages")) else "right")
+    for col in ("prompt+output", "share", "batch", "replicas", "req/s", "latency s", "serves req/s",
+                "stages (host: layers, mesh)"):
+        t.add_column(col, justify="left" if col.startswith(("prompt", "stages", "serves")) else "right")
     for (b, bt, p), row in zip(result.plans, summary["buckets"]):
         pred = row["plan"]["prediction"] if "prediction" in row["plan"] else {}
         shapes = {" | ".join(f"{s.host}: {format_layers(*s.layers)} dp{s.dp}xtp{s.tp}" for s in rep.stages)
                   for rep in p.replicas}
         t.add_row(f"{b.prompt_len}+{b.output_len}", f"{b.share:.2f}", str(bt), str(len(p.replicas)),
-                  f"{pred.get('requests_per_s', 0.0):.3g}", f"{pred.get('latency_s', 0.0):.3g}", "\n".join(sorted(shapes)))
+                  f"{pred.get('requests_per_s', 0.0):.3g}", f"{pred.get('latency_s', 0.0):.3g}",
+                  # with sharing a replica also serves other sizes: how much of each
+                  "\n".join(f"{v:.3g} of {c.prompt_len}+{c.output_len}"
+                            for c, v in zip(mix, row["served_requests_per_s"]) if v > 0),
+                  "\n".join(sorted(shapes)))
     con.print(t)
     con.print(f"with network links shared among the replicas crossing them: "
               f"{sum(result.shared_requests_per_s):.3g} requests/s (unshared {sum(result.requests_per_s):.3g}), "
@@ -117,9 +126,12 @@ def register(app: typer.Typer) -> None:
         batch: str | None = typer.Option(None, "--batch", help="Batch size(s) a replica may run at, e.g. 1,4,16."),
         rate: float | None = typer.Option(None, "--rate", help="Requests/s to sustain."),
         slo_ms: float | None = typer.Option(None, "--slo-ms", help="Bound on end-to-end latency, milliseconds."),
+        tpot_slo_ms: float | None = typer.Option(None, "--tpot-slo-ms", help="Bound on the time per output token, "
+                                                                             "milliseconds."),
         max_stages: int | None = typer.Option(None, "--max-stages", help="Longest pipeline (default: automatic)."),
         out: Path | None = typer.Option(None, "--out", help="Write the rental and its plans (JSON) here."),
         as_json: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object."),
     ) -> None:
         """The cheapest devices to rent from OFFERS, and the plan on them, for a rate within an SLO."""
-        rent_cmd(offers, model, prompt_len, output_len, trace, batch, rate, slo_ms, max_stages, out, as_json)
+        rent_cmd(offers, model, prompt_len, output_len, trace, batch, rate, slo_ms, max_stages, out, as_json,
+                 tpot_slo_ms)

@@ -2,12 +2,18 @@
 
 A device profile from `hexjax calibrate --quick` (read from --profile, or measured here first) drives the
 simulator's step times through the cost model alone: its layer efficiencies, launch cost, all-reduce fit and,
-for the serving engine's steps, its measured host work per pass and copies between stages. The serving engine
-(`hexjax.serve.Engine`) then serves the same Poisson trace on the same plan in real time, and the script prints
-throughput and TTFT / TPOT medians of both, with the ratio simulated / measured, for the full profile and with
-its serving terms taken out one at a time (host work x0, copies x0, neither: the planner's step).
+for the serving engine's steps, its measured host work per pass, copies between stages, and the terms by mesh
+size (stage program overhead, all-reduce inside a program, chunk attention over the block table, copies issued
+behind a stage program). The serving engine (`hexjax.serve.Engine`) then serves the same Poisson trace on the
+same plan in real time, and the script prints throughput and TTFT / TPOT medians of both, with the ratio
+simulated / measured, for the full profile and with its serving terms taken out one at a time (host work x0,
+copies x0, mesh terms x0, all of them: the planner's step), and the engine's median step times beside the
+simulated ones.
 
     python benchmarks/simulate_vs_engine.py [--profile cpu.toml] [--requests 48] [--rounds 3]
+
+A profile for --profile must come from 8 devices, as here:
+`XLA_FLAGS=--xla_force_host_platform_device_count=8 hexjax calibrate --quick --model tiny --out cpu.toml`.
 
 Run on this machine's CPU with 8 virtual devices (set here). Nothing of the engine run feeds the simulation:
 the profile comes from calibrate's micro-benchmarks, the simulation only from the profile, the plan and the trace.
@@ -68,7 +74,14 @@ def engine_run(engine, trace) -> dict:
     tpot = [(e - f) / (r.output_len - 1) for f, e, r in zip(run.first_token_s, run.finish_s, trace.requests)
             if r.output_len > 1]
     span = max(run.finish_s) - min(r.arrival_s for r in trace.requests)
-    return summary(ttft, tpot, sum(r.output_len for r in trace.requests), span)
+    out = summary(ttft, tpot, sum(r.output_len for r in trace.requests), span)
+    # the engine's own step times: steps that only decoded (all rows) and steps that gave first tokens
+    decode = [dt for dt, outs in run.steps if outs and all(n > 1 for _, n in outs)]
+    first = [dt for dt, outs in run.steps if any(n == 1 for _, n in outs)]
+    out["decode_step"] = statistics.median(decode) if decode else float("nan")
+    out["prefill_step"] = statistics.median(first) if first else float("nan")
+    out["steps"], out["busy"] = len(run.steps), sum(dt for dt, _ in run.steps)
+    return out
 
 
 def simulated(cfg, plan, cluster, trace, max_batch: int, max_len: int, step_tokens: int, serving: bool = True,
@@ -77,8 +90,14 @@ def simulated(cfg, plan, cluster, trace, max_batch: int, max_len: int, step_toke
     shapes = engine_shapes(max_batch, max_len, step_tokens) if padded else {}
     res = simulate(trace, 1, CostModelStepTimes(plan, cfg, cluster, serving=serving, **shapes), max_batch=max_batch,
                    max_step_tokens=step_tokens)
-    return summary([r.ttft_s for r in res.served], [r.tpot_s for r in res.served if r.output_len > 1],
-                   sum(r.output_len for r in res.served), res.makespan_s)
+    out = summary([r.ttft_s for r in res.served], [r.tpot_s for r in res.served if r.output_len > 1],
+                  sum(r.output_len for r in res.served), res.makespan_s)
+    out["steps"] = sum(res.iterations)
+    return out
+
+
+def _us(table, scale: float = 1e6) -> str:
+    return ", ".join(f"{n}: {v * scale:.3g}" for n, v in table) or "not measured"
 
 
 def with_profile(cluster, **changes):
@@ -107,6 +126,8 @@ def main() -> None:
 
     import jax
     import tomllib
+
+    from hexjax.search.simulate import CostModelStepTimes, engine_shapes
 
     import hexjax
     from hexjax.cluster import Cluster
@@ -151,7 +172,14 @@ def main() -> None:
     else:
         cluster = Cluster.load(args.profile)
         how = str(args.profile)
+    need = 1 + max(d for plan in plans.values() for st in plan.replicas[0].stages for d in st.devices)
+    if cluster.num_devices < need:
+        raise SystemExit(f"error: {how} describes {cluster.num_devices} device(s), the plans need {need}. Fix: "
+                         "write it with `XLA_FLAGS=--xla_force_host_platform_device_count=8 hexjax calibrate "
+                         "--quick --model tiny --out FILE`")
     p = cluster.hosts[0].device.profile
+    print(f"profile mesh terms (devices: us): stage overhead {_us(p.stage_overhead_s)}; all-reduce "
+          f"{_us(p.allreduce_s)}; chunk attention per key {_us(p.chunk_key_s, 1e9)} ns" if p is not None else "")
     if p is None or not (p.host_pass_s or p.copy_Bps):
         raise SystemExit(f"error: {how} has no serving terms (host_pass_us, copy_GBps). Fix: rewrite it with "
                          "`hexjax calibrate --quick --model tiny --out FILE`")
@@ -160,8 +188,11 @@ def main() -> None:
           f"stage copies {p.copy_latency_s * 1e6:.0f} us + {p.copy_Bps / 1e9:.3g} GB/s; launch "
           f"{p.step_overhead_s * 1e6:.1f} us; all-reduce latency {cluster.hosts[0].intra_latency_s * 1e6:.1f} us")
     # the last: the planner's step at exact shapes (no serving terms, no padding), as simulate ran before
-    variants = [("calibrated", cluster, True), ("host x0", with_profile(cluster, host_pass_s=0.0, host_row_s=0.0), True),
-                ("copies x0", with_profile(cluster, copy_latency_s=0.0, copy_Bps=0.0), True),
+    variants = [("calibrated", cluster, True),
+                ("host x0", with_profile(cluster, host_pass_s=0.0, host_row_s=0.0), True),
+                ("copies x0", with_profile(cluster, copy_latency_s=0.0, copy_Bps=0.0, chained_copy_s=0.0), True),
+                ("mesh terms x0", with_profile(cluster, stage_overhead_s=(), allreduce_s=(), chunk_key_s=(),
+                                               chained_copy_s=0.0), True),
                 ("planner step", cluster, False)]
     print(f"{'plan':>8s} {'run':>16s} {'tok/s':>8s} {'ratio':>6s} {'TTFT p50':>9s} {'ratio':>6s} "
           f"{'TPOT p50':>9s} {'ratio':>6s}   (ratios: simulated / the fastest engine run; then / the median run)")
@@ -169,10 +200,18 @@ def main() -> None:
         fastest = max(runs[name], key=lambda m: m["tok/s"])
         median = sorted(runs[name], key=lambda m: m["tok/s"])[len(runs[name]) // 2]
         print(row(name, "engine fastest", fastest))
+        st = CostModelStepTimes(plan, cfg, cluster, **engine_shapes(B, max_len, engines[name].max_step_tokens))
+        tokens = sum(r.output_len for r in trace.requests)
+        print(f"{'':>8s} step medians of the fastest run: decode-only {fastest['decode_step'] * 1e3:.3f} ms, with "
+              f"first tokens {fastest['prefill_step'] * 1e3:.3f} ms; simulated decode of 4 rows "
+              f"{st.decode_s(0, [64] * 4) * 1e3:.3f} ms, a 32-token chunk and 3 decoding rows "
+              f"{(st.prefill_s(0, [32]) + st.decode_s(0, [64] * 3)) * 1e3:.3f} ms; {fastest['steps']} steps taking "
+              f"{fastest['busy'] * 1e3:.0f} ms of the run's {tokens / fastest['tok/s'] * 1e3:.0f} ms")
         for label, cl, serving in variants:
             s = simulated(cfg, plan, cl, trace, B, max_len, engines[name].max_step_tokens, serving, padded=serving)
             print(row(name, "sim " + label, s, fastest) + "   median run: "
-                  + " ".join(f"{s[k] / median[k]:.2f}" for k in ("tok/s", "ttft_p50", "tpot_p50")))
+                  + " ".join(f"{s[k] / median[k]:.2f}" for k in ("tok/s", "ttft_p50", "tpot_p50"))
+                  + f"; {s['steps']} iterations")
     print(f"done in {time.perf_counter() - t0:.1f} s; load average {os.getloadavg()[0]:.1f}")
 
 if __name__ == "__main__":

@@ -15,7 +15,14 @@ the all-reduce, on every local device):
   this host: one device to one, two to one, one to two);
 - the serving engine's host work: :class:`hexjax.serve.Engine` decoding with
   a one-stage replica of the ``tiny`` model on one device at 1 and several
-  rows, each step's time less the time of the same stage program run alone.
+  rows, each step's time less the time of the same stage program run alone;
+- on meshes of 1, 2 and 4 local devices (``Shapes.mesh_sizes``, as many as
+  there are): the runtime's own stage programs (:mod:`hexjax.runtime.stage`,
+  one and two middle layers of the chosen model, decode steps, and a prefill
+  chunk over block tables of two sizes), a small all-reduce inside a program
+  (chained ``psum``s, so the launch cancels out), and stage programs chained
+  across meshes as the engine issues a step (each copy right behind the
+  program before it, nothing waited for until the end).
 
 The result is a :class:`Calibration`; :meth:`Calibration.device_spec` turns it
 into a :class:`hexjax.devices.DeviceSpec` with a :class:`DeviceProfile`, and
@@ -45,7 +52,18 @@ How the figures become the profile:
   its stage programs (scheduling, inputs and block tables, sampling, reading
   the tokens back, emitting), measured on a model whose device time is small
   and timed apart, so that the figure is the engine's, not the model's.
-  Only the serving simulation uses these four (``hexjax simulate``).
+  Only the serving simulation uses these four (``hexjax simulate``);
+- by mesh size, for the serving simulation too (from medians of at least 20
+  runs, as the host work: the engine's steps, one after another, see the
+  machine as it is, not at its quietest): ``stage_overhead_us`` is the
+  mean over a mesh size's stage runs of the measured step less the serving
+  cost model's time of that step without any fixed overhead (what a stage
+  step costs beyond its layers and collectives: launching on every device,
+  its many buffers, the host arrays copied in); ``allreduce_us`` the chained
+  ``psum`` slope; ``chunk_key_ns`` the extend runs' difference over the
+  difference of their tables' keys (per layer, chunk token and head of a
+  device); ``chained_copy_us`` the mean over the chains of their time less
+  their programs run alone, per copy.
 """
 
 from __future__ import annotations
@@ -94,6 +112,8 @@ class Shapes:
     """Rows decoding in the serving engine's timed steps."""
     serving_steps: int = 40
     """Timed engine steps per row count (the median counts)."""
+    mesh_sizes: tuple[int, ...] = (1, 2, 4)
+    """Devices of the meshes the stage programs and all-reduces are measured on (as many as there are)."""
 
 
 FULL = Shapes(matmul_rows=(1, 8, 64, 512, 2048), matmul_k=2048,
@@ -129,6 +149,30 @@ class LayerRun:
     def rows(self) -> int:
         """Rows of the layer's matmuls."""
         return self.batch * self.tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRun:
+    """One measured step of the runtime's stage program (middle layers, no embedding or head)."""
+
+    devices: int
+    """Devices of the stage's mesh (``tp`` of them, ``dp = 1``)."""
+    layers: int
+    rows: int
+    context: int
+    """Decode: the position the step decodes at; extend: the chunk's width (starting at position 0)."""
+    seconds: float
+    """Median measured step, the positions and block tables passed from the host as the engine does."""
+    phase: str = "decode"
+    """``decode`` or ``extend`` (a prefill chunk)."""
+    table_tokens: int = 128
+    """Keys the block tables span."""
+
+
+STAGE_TABLE_TOKENS, STAGE_PAGE = 128, 16
+"""Block tables of the measured decode steps: 128 tokens in pages of 16 (the engine's page size)."""
+STAGE_EXTEND_WIDTH, STAGE_EXTEND_TABLES = 32, (128, 512)
+"""The measured prefill chunk: 32 tokens of one row, over block tables of 128 and 512 tokens."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +215,16 @@ class Calibration:
     """Rate of such a copy beyond its fixed time (0: not measured)."""
     serving: tuple[tuple[int, float, float], ...] = ()
     """``(rows, engine step s, stage program s)`` of the serving engine's decode steps (empty: not measured)."""
+    collectives: tuple[tuple[int, float], ...] = ()
+    """``(devices, seconds)``: what one more small all-reduce adds inside a program on that many devices
+    (empty: not measured)."""
+    stages: tuple[StageRun, ...] = ()
+    """Decode steps of the runtime's stage programs by mesh size (empty: not measured)."""
+    chains: tuple[tuple[str, float, float, int], ...] = ()
+    """``(meshes, chain s, programs alone s, copies)`` of stage programs chained as the engine issues them
+    (empty: not measured)."""
+    config: ModelConfig | None = dataclasses.field(default=None, compare=False, repr=False)
+    """The measured model (for the cost model's figures of the stage runs; default: loaded by name)."""
 
     @property
     def peak_flops(self) -> float:
@@ -219,15 +273,62 @@ class Calibration:
                       for d in DTYPES if any(dt == d for dt, *_ in self.matmul)}
         copy = min(self.h2d_Bps, self.d2h_Bps)
         host_pass, host_row = self.host_work()
-        return DeviceProfile(tuple(curves.items()), 1.0, 1.0, self.launch_s, copy, self.source,
+        base = DeviceProfile(tuple(curves.items()), 1.0, 1.0, self.launch_s, copy, self.source,
                              copy_latency_s=self.copy_latency_s, copy_Bps=self.copy_Bps, host_pass_s=host_pass,
-                             host_row_s=host_row)
+                             host_row_s=host_row, allreduce_s=self.collectives,
+                             chained_copy_s=self.chained_copy())
+        base = dataclasses.replace(base, chunk_key_s=self.chunk_keys())
+        return dataclasses.replace(base, stage_overhead_s=self.stage_overheads(base))
+
+    def chained_copy(self) -> float:
+        """Fixed time of a copy issued behind the sending stage's program: per chain, its time less its
+        programs run alone, per copy; the mean over the chains (0 without them). The bytes moved are a few
+        rows' activations, so the copy rate's share is left in."""
+        if not self.chains:
+            return 0.0
+        return _us(max(sum((c - a) / k for _, c, a, k in self.chains) / len(self.chains), 0.0))
+
+    def chunk_keys(self) -> tuple[tuple[int, float], ...]:
+        """Per mesh size, the time one more block-table key adds to a prefill chunk, per layer, chunk token
+        and attention head of a device: the difference of the extend runs over the largest and smallest
+        tables, over the difference of their keys. At least 0."""
+        if not self.stages:
+            return ()
+        heads = (self.config or ModelConfig.load(self.model)).num_heads
+        out = []
+        for n in sorted({r.devices for r in self.stages if r.phase == "extend"}):
+            runs = sorted((r for r in self.stages if r.phase == "extend" and r.devices == n),
+                          key=lambda r: r.table_tokens)
+            a, b = runs[0], runs[-1]
+            if b.table_tokens > a.table_tokens:
+                per = a.layers * a.rows * a.context * (b.table_tokens - a.table_tokens) * heads / n
+                out.append((n, round(max((b.seconds - a.seconds) / per, 0.0) * 1e9, 3) / 1e9))
+        return tuple(out)
+
+    def stage_overheads(self, base: DeviceProfile) -> tuple[tuple[int, float], ...]:
+        """Per mesh size, the mean over the stage runs of their measured time less the serving cost model's
+        time of that stage step without any fixed overhead (layers' compute, collectives at the measured
+        all-reduce times): what a stage step costs beyond its work. At least 0."""
+        if not self.stages:
+            return ()
+        from hexjax.search import cost
+        cfg = self.config or ModelConfig.load(self.model)
+        bw, lat = self.link()
+        spec = dataclasses.replace(self._spec(base), profile=dataclasses.replace(base, stage_overhead_s=((1, 0.0),)))
+        out: dict[int, list[float]] = {}
+        for run in (r for r in self.stages if r.phase == "decode"):
+            c = cost.stage_cost(cfg, spec, bw, lat, run.layers, 1, run.devices, False, False, 1, run.rows,
+                                Workload(run.context - 1, 2, run.rows), DTYPES["float32"], serving=True)
+            out.setdefault(run.devices, []).append(run.seconds - c.decode_s)
+        return tuple((n, _us(max(sum(v) / len(v), 0.0))) for n, v in sorted(out.items()))
 
     def device_spec(self) -> DeviceSpec:
         """The measured device, profile included."""
+        return self._spec(self.profile())
+
+    def _spec(self, profile: DeviceProfile) -> DeviceSpec:
         return DeviceSpec(self.name, self.memory_bytes, self.peak_flops, self.read_Bps, self.link()[0],
-                          self.price_per_hour, self.platform if self.platform in ("gpu", "tpu") else "cpu",
-                          self.profile())
+                          self.price_per_hour, self.platform if self.platform in ("gpu", "tpu") else "cpu", profile)
 
     def best_of(self, other: "Calibration") -> "Calibration":
         """Each figure at its best over two runs of the same benchmarks (fastest times, highest rates): on a
@@ -250,7 +351,14 @@ class Calibration:
             copy_Bps=max(self.copy_Bps, other.copy_Bps),
             # the engine runs of one calibration together (the quieter): the per-row fit takes differences
             serving=min((x for x in (self.serving, other.serving) if x), key=lambda runs: sum(r[1] for r in runs),
-                        default=()))
+                        default=()),
+            chains=best(self.chains, other.chains, lambda c: c[0], lambda a, b: (a[0], min(a[1], b[1]),
+                                                                                 min(a[2], b[2]), a[3])),
+            collectives=best(self.collectives, other.collectives, lambda c: c[0],
+                             lambda a, b: min(a, b, key=lambda x: x[1])),
+            stages=best(self.stages, other.stages,
+                        lambda r: (r.phase, r.devices, r.layers, r.rows, r.context, r.table_tokens),
+                        lambda a, b: min(a, b, key=lambda r: r.seconds)))
 
     def predicted_layer_s(self, run: LayerRun, spec: DeviceSpec | None = None) -> float:
         """The cost model's time of one measured layer run on the calibrated device."""
@@ -278,6 +386,13 @@ class Calibration:
                  f"# stage-to-stage copies: {self.copy_latency_s * 1e6:.3g} us + bytes at {self.copy_Bps / GB:.3g} "
                  "GB/s; serving engine decode steps (rows: step vs program alone, ms): " + "; ".join(
                      f"{r}: {st * 1e3:.3g} vs {pr * 1e3:.3g}" for r, st, pr in self.serving),
+                 "# stage chains (meshes: chained vs programs alone, ms): " + "; ".join(
+                     f"{m}: {c * 1e3:.3g} vs {a * 1e3:.3g}" for m, c, a, _ in self.chains),
+                 "# all-reduce inside a program (devices: us): " + "; ".join(
+                     f"{n}: {t * 1e6:.3g}" for n, t in self.collectives),
+                 "# stage programs (phase, devices, layers, rows, tokens, table: ms): " + "; ".join(
+                     f"{r.phase} {r.devices}, {r.layers}, {r.rows}, {r.context}, {r.table_tokens}: "
+                     f"{r.seconds * 1e3:.3g}" for r in self.stages),
                  "# layer runs (phase, batch, tokens/context, dtype): measured vs profile-predicted ms: " + "; ".join(
                      f"{r.phase} b{r.batch} {r.context} {r.dtype}: {r.seconds * 1e3:.3g} vs "
                      f"{self.predicted_layer_s(r, spec) * 1e3:.3g}" for r in self.layers),
@@ -286,6 +401,11 @@ class Calibration:
                  f"count = {self.num_devices}", f"intra_latency_us = {_toml_value(_export_us(lat))}"]
         lines += devices_toml(self.name, fields)
         return "\n".join(lines) + "\n"
+
+
+def _us(seconds: float) -> float:
+    """``seconds`` at whole nanoseconds: a figure the profile file's microseconds carry exactly."""
+    return round(seconds * 1e6, 3) / 1e6
 
 
 # ---- timing ----
@@ -299,6 +419,19 @@ def best_time_s(fn: Callable[[], Any], repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def median_time_s(fn: Callable[[], Any], repeats: int) -> float:
+    """Median of ``repeats`` runs of ``fn`` (after one warm-up run): what a run typically costs on the
+    machine as it is, as the serving engine's steps, one after another, see it."""
+    import statistics
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _block(x):
@@ -397,6 +530,141 @@ def measure_stage_copies(devices, sizes: tuple[int, int], repeats: int) -> tuple
     big = copy_s(*pairs[0], large)
     rate = (large - small) / max(big - fixed[0], 1e-9)
     return sum(fixed) / len(fixed), rate
+
+
+def measure_collectives(devices, degrees: tuple[int, ...], repeats: int,
+                        chain: int = 8) -> tuple[tuple[int, float], ...]:
+    """``(devices, seconds)`` per degree: what one more all-reduce of a small float32 block ([4, 64] per device,
+    a few decode rows' activations) adds inside a program on the first ``devices`` local devices, from the
+    median runs of programs of 1 and ``chain + 1`` dependent ``psum``s (so the launch cancels out)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    out = []
+    for n in degrees:
+        if n < 2 or n > len(devices):
+            continue
+        mesh = Mesh(np.array(devices[:n]), ("tp",))
+        x = jax.device_put(jnp.ones((4, 64 * n), jnp.float32), NamedSharding(mesh, P(None, "tp")))
+        times = []
+        for k in (1, chain + 1):
+            def body(v, k=k):
+                for _ in range(k):
+                    v = jax.lax.psum(v, "tp") * 0.5     # each waits for the one before
+                return v
+            f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(None, "tp"), out_specs=P(None, "tp")))
+            times.append(median_time_s(lambda: _block(f(x)), max(repeats, 20)))
+        out.append((n, _us(max((times[1] - times[0]) / chain, 0.0))))
+    return tuple(out)
+
+
+def measure_stage_programs(cfg: ModelConfig, devices, degrees: tuple[int, ...], rows: tuple[int, ...],
+                           repeats: int) -> tuple[StageRun, ...]:
+    """Decode steps of the runtime's stage program (:mod:`hexjax.runtime.stage`, paged KV cache, float32) of
+    one and two middle layers of ``cfg`` on a ``tp = n`` mesh of the first ``n`` local devices, for each
+    ``n`` of ``degrees`` and each row count: the median of ``repeats`` (at least 20) steps, the hidden
+    states already on the mesh and the positions and block tables passed as host arrays, as the serving
+    engine passes them."""
+    import jax
+    import jax.numpy as jnp
+    from hexjax.models.llama import init_params
+    from hexjax.runtime.pages import pages_for
+    from hexjax.runtime.stage import StageKind, StageShape, stage_module, stage_programs
+    width = pages_for(STAGE_TABLE_TOKENS, STAGE_PAGE)
+    context = STAGE_TABLE_TOKENS // 2
+    out = []
+    for n in degrees:
+        if n > len(devices):
+            continue
+        for layers in sorted({1, min(2, cfg.num_layers)}):
+            kind = StageKind(cfg, 0, layers, False, False, 1, n, "float32")
+            params = init_params(stage_module(kind), 0)
+            for r in rows:
+                prog = stage_programs(kind, StageShape(r, STAGE_PAGE, r * width + 1, STAGE_PAGE, width),
+                                      tuple(devices[:n]))
+                placed = prog.place_params(params)
+                cache = [prog.empty_cache()]
+                run = prog.compiled("decode")
+                x = jax.device_put(jnp.full((r, 1, cfg.hidden_size), 0.01, jnp.float32), prog.input_sharding)
+                pos = np.full((r,), context - 1, np.int32)
+                table = (1 + np.arange(r * width, dtype=np.int32)).reshape(r, width)
+
+                def step():
+                    y, cache[0] = run(placed, cache[0], x, pos, table)
+                    _block(y)
+                out.append(StageRun(n, layers, r, context, median_time_s(step, max(repeats, 20))))
+        # a prefill chunk over block tables of two sizes: what more keys in the table cost
+        kind = StageKind(cfg, 0, 1, False, False, 1, n, "float32")
+        params = init_params(stage_module(kind), 0)
+        for tokens in STAGE_EXTEND_TABLES:
+            w = pages_for(tokens, STAGE_PAGE)
+            prog = stage_programs(kind, StageShape(1, STAGE_EXTEND_WIDTH, w + 1, STAGE_PAGE, w), tuple(devices[:n]))
+            placed = prog.place_params(params)
+            cache = [prog.empty_cache()]
+            run = prog.compiled("extend")
+            x = jax.device_put(jnp.full((1, STAGE_EXTEND_WIDTH, cfg.hidden_size), 0.01, jnp.float32),
+                               prog.input_sharding)
+            pos = np.arange(STAGE_EXTEND_WIDTH, dtype=np.int32)[None, :]
+            last = np.full((1,), STAGE_EXTEND_WIDTH - 1, np.int32)
+            table = (1 + np.arange(w, dtype=np.int32))[None, :]
+
+            def chunk():
+                y, cache[0] = run(placed, cache[0], x, pos, last, table)
+                _block(y)
+            out.append(StageRun(n, 1, 1, STAGE_EXTEND_WIDTH, median_time_s(chunk, max(repeats, 20)), "extend",
+                                w * STAGE_PAGE))
+    return tuple(out)
+
+
+def measure_chained_copies(cfg: ModelConfig, devices, rows: int,
+                           repeats: int) -> tuple[tuple[str, float, float, int], ...]:
+    """``(meshes, chain s, programs alone s, copies)`` of chains of the runtime's one-layer decode stage
+    programs on meshes of the local devices (sizes 1 -> 1, 2 -> 1 and 1 -> 2 -> 1, as many as the devices
+    allow): each program's input copied from the one before with ``jax.device_put`` and issued without
+    waiting, as the serving engine issues a step, then waited for at the end; against the same programs
+    each run alone on an input already on its mesh. Median runs (at least 20) of each."""
+    import jax
+    import jax.numpy as jnp
+    from hexjax.models.llama import init_params
+    from hexjax.runtime.pages import pages_for
+    from hexjax.runtime.stage import StageKind, StageShape, stage_module, stage_programs
+    width = pages_for(STAGE_TABLE_TOKENS, STAGE_PAGE)
+    pos = np.full((rows,), STAGE_TABLE_TOKENS // 2 - 1, np.int32)
+    table = (1 + np.arange(rows * width, dtype=np.int32)).reshape(rows, width)
+
+    def stage(devs):
+        kind = StageKind(cfg, 0, 1, False, False, 1, len(devs), "float32")
+        prog = stage_programs(kind, StageShape(rows, STAGE_PAGE, rows * width + 1, STAGE_PAGE, width), tuple(devs))
+        placed, cache, run = prog.place_params(init_params(stage_module(kind), 0)), [prog.empty_cache()], \
+            prog.compiled("decode")
+
+        def call(x):
+            y, cache[0] = run(placed, cache[0], x, pos, table)
+            return y
+        return prog.input_sharding, call
+
+    d = list(devices)
+    layouts = [[d[0:1], d[1:2]]] + ([[d[0:2], d[2:3]]] if len(d) >= 3 else []) + \
+        ([[d[0:1], d[1:3], d[3:4]]] if len(d) >= 4 else [])
+    x = jnp.full((rows, 1, cfg.hidden_size), 0.01, jnp.float32)
+    out = []
+    for meshes in layouts if len(d) >= 2 else []:
+        stages = [stage(m) for m in meshes]
+        alone = 0.0
+        for sharding, call in stages:
+            xs = jax.device_put(x, sharding)
+            alone += median_time_s(lambda: _block(call(xs)), max(repeats, 20))
+
+        start = _block(jax.device_put(x, stages[0][0]))
+
+        def chain():
+            y = start
+            for sharding, call in stages:
+                y = call(jax.device_put(y, sharding))
+            _block(y)
+        out.append(("->".join(str(len(m)) for m in meshes), median_time_s(chain, max(repeats, 20)), alone,
+                    len(meshes) - 1))
+    return tuple(out)
 
 
 def measure_serving_host(device_index: int = 0, rows: tuple[int, ...] = (1, 4),
@@ -546,18 +814,26 @@ def calibrate(quick: bool = False, *, model: str | ModelConfig = "llama-125m", d
         allreduce = measure_allreduce(devices, shapes.allreduce_bytes, shapes.repeats)
     say("host<->device copies")
     h2d, d2h = measure_copies(dev, shapes.copy_bytes, shapes.repeats)
-    copy_fixed, copy_rate, runs = 0.0, 0.0, ()
+    copy_fixed, copy_rate, runs, collectives, stages, chains = 0.0, 0.0, (), (), (), ()
     if serving:
         say("copies between stages")
         copy_fixed, copy_rate = measure_stage_copies(devices, (1 << 10, shapes.copy_bytes // 8), shapes.repeats)
         say("serving engine host work")
         runs = measure_serving_host(0, shapes.serving_rows, shapes.serving_steps)
+        degrees = tuple(n for n in shapes.mesh_sizes if n <= len(devices))
+        say(f"all-reduce inside programs on {', '.join(map(str, degrees[1:])) or 'no'} devices")
+        collectives = measure_collectives(devices, degrees, shapes.repeats)
+        say(f"stage programs on {', '.join(map(str, degrees))} devices")
+        stages = measure_stage_programs(cfg, devices, degrees, shapes.serving_rows, shapes.repeats)
+        say("copies issued behind a stage program")
+        chains = measure_chained_copies(cfg, devices, max(shapes.serving_rows), shapes.repeats)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     source = f"hexjax calibrate{' --quick' if quick else ''}, {stamp}, jax {jax.__version__}, {dev.device_kind}"
     default_name = "local-" + "".join(c if c.isalnum() else "-" for c in dev.device_kind).strip("-").lower()
     return Calibration(name or default_name, platform, dev.device_kind, len(devices),
                        _memory_bytes(dev, len(devices)), tuple(matmul), read, tuple(layers), tuple(allreduce),
-                       launch, h2d, d2h, cfg.name, float(price_per_hour), source, copy_fixed, copy_rate, runs)
+                       launch, h2d, d2h, cfg.name, float(price_per_hour), source, copy_fixed, copy_rate, runs,
+                       collectives, stages, chains, cfg)
 
 
 def measure_generation(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, dtype: str = "float32",
@@ -618,5 +894,6 @@ def load_profile(path) -> dict[str, DeviceSpec]:
     return _parse_devices(r, raw)
 
 
-__all__ = ["calibrate", "Calibration", "LayerRun", "Shapes", "FULL", "QUICK", "load_profile", "measure_generation",
+__all__ = ["calibrate", "Calibration", "LayerRun", "StageRun", "Shapes", "FULL", "QUICK", "load_profile",
+           "measure_generation",
            "predict_generation"]

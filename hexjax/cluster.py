@@ -7,7 +7,7 @@ bytes/s and seconds. A device may carry a measured ``profile`` sub-table
 (``hexjax calibrate`` writes it; :class:`hexjax.devices.DeviceProfile`):
 ``flops_efficiency`` (per dtype, ``[[rows, efficiency], ...]``),
 ``memory_efficiency``, ``link_efficiency``, ``step_overhead_us``,
-``host_copy_GBps``, ``source``; a top-level ``profiles = ["cpu.toml"]`` takes
+``host_copy_GBps``, ``source`` and the serving terms (see the README); a top-level ``profiles = ["cpu.toml"]`` takes
 the ``[device.NAME]`` tables of those files (paths relative to this one; the
 file's own tables win). See ``examples/clusters/`` for complete files::
 
@@ -441,10 +441,13 @@ _LINK_KEYS = ("a", "b", "bandwidth_GBps", "latency_us")
 _DEVICE_KEYS = ("base", "memory_GiB", "tflops", "memory_bandwidth_GBps", "intra_bandwidth_GBps",
                 "price_per_hour", "kind", "profile")
 _PROFILE_KEYS = ("flops_efficiency", "memory_efficiency", "link_efficiency", "step_overhead_us", "host_copy_GBps",
-                 "source", "version", "copy_latency_us", "copy_GBps", "host_pass_us", "host_row_us")
-PROFILE_VERSION = 2
+                 "source", "version", "copy_latency_us", "copy_GBps", "host_pass_us", "host_row_us",
+                 "stage_overhead_us", "allreduce_us", "chunk_key_ns", "chained_copy_us")
+PROFILE_VERSION = 3
 """Profile tables carry ``version = 2`` from the serving terms on (copies between stages, host work per
-pass); a table without it is version 1 (no such terms)."""
+pass) and ``version = 3`` with the figures by mesh size (stage overhead, all-reduce); a table without
+it is version 1 (no such terms)."""
+_BY_DEVICES = ("stage_overhead_us", "allreduce_us", "chunk_key_ns")
 
 
 class _Reader:
@@ -719,13 +722,25 @@ def _parse_profile(r: _Reader, raw: Any, where: str) -> DeviceProfile:
     if not isinstance(source, str):
         raise r.fail(f"{where}.source", f"expected a string, got {_describe(source)}", 'write source = "..."')
     version = r.number(t, "version", f"{where}.version", 1, integer=True)
-    if version not in (1, PROFILE_VERSION):
+    if version not in (1, 2, PROFILE_VERSION):
         raise r.fail(f"{where}.version", f"unknown profile version {version}",
-                     f"use 1 or {PROFILE_VERSION} (rewrite it with `hexjax calibrate`)")
+                     f"use 1 to {PROFILE_VERSION} (rewrite it with `hexjax calibrate`)")
     serving = ("copy_latency_us", "copy_GBps", "host_pass_us", "host_row_us")
-    if version == 1 and any(k in t for k in serving):
-        raise r.fail(f"{where}.version", f"{', '.join(k for k in serving if k in t)} need version = "
-                     f"{PROFILE_VERSION}", f"add version = {PROFILE_VERSION} to the profile table")
+    for need, keys in ((2, serving), (3, _BY_DEVICES + ("chained_copy_us",))):
+        if version < need and any(k in t for k in keys):
+            raise r.fail(f"{where}.version", f"{', '.join(k for k in keys if k in t)} need version = {need} "
+                         "or later", f"set version = {PROFILE_VERSION} in the profile table")
+    tables = {}
+    for key in _BY_DEVICES:
+        pts = t.get(key, [])
+        ok = isinstance(pts, list) and all(
+            isinstance(p, list) and len(p) == 2 and _is_int(p[0]) and p[0] >= 1 and _is_number(p[1])
+            and math.isfinite(p[1]) and p[1] >= 0 for p in pts) and len({p[0] for p in pts}) == len(pts)
+        if not ok:
+            unit = "nanoseconds" if key.endswith("_ns") else "microseconds"
+            raise r.fail(f"{where}.{key}", f"expected [[devices >= 1, {unit} >= 0], ...] with distinct "
+                         f"device counts, got {pts!r}", f"write e.g. {key} = [[1, 60.0], [2, 150.0]]")
+        tables[key] = tuple((p[0], p[1] / (1e9 if key.endswith("_ns") else 1e6)) for p in pts)
     return DeviceProfile(
         flops_efficiency=tuple(curves.items()),
         memory_efficiency=r.number(t, "memory_efficiency", f"{where}.memory_efficiency", 1.0),
@@ -736,7 +751,10 @@ def _parse_profile(r: _Reader, raw: Any, where: str) -> DeviceProfile:
         copy_latency_s=r.number(t, "copy_latency_us", f"{where}.copy_latency_us", 0.0, positive=False) / 1e6,
         copy_Bps=r.number(t, "copy_GBps", f"{where}.copy_GBps", 0.0, positive=False) * GB,
         host_pass_s=r.number(t, "host_pass_us", f"{where}.host_pass_us", 0.0, positive=False) / 1e6,
-        host_row_s=r.number(t, "host_row_us", f"{where}.host_row_us", 0.0, positive=False) / 1e6)
+        host_row_s=r.number(t, "host_row_us", f"{where}.host_row_us", 0.0, positive=False) / 1e6,
+        stage_overhead_s=tables["stage_overhead_us"], allreduce_s=tables["allreduce_us"],
+        chunk_key_s=tables["chunk_key_ns"],
+        chained_copy_s=r.number(t, "chained_copy_us", f"{where}.chained_copy_us", 0.0, positive=False) / 1e6)
 
 
 def profile_to_dict(p: DeviceProfile) -> dict[str, Any]:
@@ -747,8 +765,16 @@ def profile_to_dict(p: DeviceProfile) -> dict[str, Any]:
            "source": p.source}
     serving = {"copy_latency_us": _export_us(p.copy_latency_s), "copy_GBps": _export_GBps(p.copy_Bps),
                "host_pass_us": _export_us(p.host_pass_s), "host_row_us": _export_us(p.host_row_s)}
-    if any(v for v in serving.values()):   # a version-1 profile stays as it was written
-        out = {"version": PROFILE_VERSION, **out, **serving}
+    by_devices = {"stage_overhead_us": [[n, _export_us(v)] for n, v in p.stage_overhead_s],
+                  "allreduce_us": [[n, _export_us(v)] for n, v in p.allreduce_s],
+                  "chunk_key_ns": [[n, _export(v, lambda g: g / 1e9, lambda x: x * 1e9)] for n, v in p.chunk_key_s]}
+    by_devices = {k: v for k, v in by_devices.items() if v}
+    if p.chained_copy_s:
+        by_devices["chained_copy_us"] = _export_us(p.chained_copy_s)
+    if by_devices:
+        out = {"version": PROFILE_VERSION, **out, **serving, **by_devices}
+    elif any(v for v in serving.values()):   # a version-1 or -2 profile stays as it was written
+        out = {"version": 2, **out, **serving}
     return out
 
 

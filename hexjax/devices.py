@@ -68,6 +68,39 @@ class DeviceProfile:
     reading the tokens back (0: not measured, no term)."""
     host_row_s: float = 0.0
     """Further host time per request row of such a pass (0: not measured)."""
+    stage_overhead_s: tuple[tuple[int, float], ...] = ()
+    """Per number of devices a stage's mesh spans, ``(devices, seconds)``: the fixed time of one step of the
+    runtime's stage program on such a mesh beyond its layers' compute and collectives (launching on every
+    device, its many parameter and cache buffers, the step's small inputs copied onto each device). Used
+    for serving steps instead of ``step_overhead_s`` (empty: not measured)."""
+    allreduce_s: tuple[tuple[int, float], ...] = ()
+    """Per tensor-parallel degree, ``(devices, seconds)``: the time one small all-reduce adds inside a
+    program on that many devices of this host. Used for serving steps instead of the ring model's latency
+    (empty: not measured)."""
+
+    chunk_key_s: tuple[tuple[int, float], ...] = ()
+    """Per number of devices a stage's mesh spans, ``(devices, seconds)``: the time a prefill chunk's
+    attention over the paged cache adds per layer, chunk token, attention head of a device and key of the
+    block table beyond the chunk's own (the runtime's chunk attention reads the whole table). Used for
+    serving steps whose block-table size is known (empty: not measured)."""
+
+    chained_copy_s: float = 0.0
+    """Fixed time of a copy between two stages' meshes of this host when it is issued, as the serving engine
+    issues it, right behind the sending stage's program without waiting for it (0: not measured; then
+    ``copy_latency_s``, measured on a ready array)."""
+
+    @staticmethod
+    def by_devices(table: tuple[tuple[int, float], ...], n: int) -> float | None:
+        """A ``(devices, seconds)`` table at ``n`` devices: linear between measured counts, the nearest end's
+        value outside them (None: empty table)."""
+        if not table:
+            return None
+        if n <= table[0][0]:
+            return table[0][1]
+        for (n0, v0), (n1, v1) in zip(table, table[1:]):
+            if n <= n1:
+                return v0 + (v1 - v0) * (n - n0) / (n1 - n0)
+        return table[-1][1]
 
     def __post_init__(self):
         curves = tuple((str(k), tuple((float(r), float(e)) for r, e in sorted(pts)))
@@ -84,10 +117,19 @@ class DeviceProfile:
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 4:
                 raise ConfigError(f"device profile: {field} must be in (0, 4], got {v!r}")
-        for field in ("step_overhead_s", "host_copy_Bps", "copy_latency_s", "copy_Bps", "host_pass_s", "host_row_s"):
+        for field in ("step_overhead_s", "host_copy_Bps", "copy_latency_s", "copy_Bps", "host_pass_s", "host_row_s",
+                      "chained_copy_s"):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ConfigError(f"device profile: {field} must be >= 0, got {v!r}")
+        for field in ("stage_overhead_s", "allreduce_s", "chunk_key_s"):
+            raw = getattr(self, field)
+            table = tuple(sorted((n, float(v)) for n, v in (raw.items() if isinstance(raw, dict) else raw)))
+            if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 or not v >= 0 or not math.isfinite(v)
+                   for n, v in table) or len({n for n, _ in table}) != len(table):
+                raise ConfigError(f"device profile: {field} must be [devices >= 1, seconds >= 0] pairs with "
+                                  f"distinct device counts, got {list(table)!r}")
+            object.__setattr__(self, field, table)
 
     def host_s(self, rows: int) -> float:
         """Host time of one serving pass of ``rows`` request rows."""

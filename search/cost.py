@@ -64,7 +64,7 @@ Calibrated devices
 
 Serving engine steps
     Costed as the serving engine runs them (``_predict_replica(...,
-    serving=True)``, what ``hexjax simulate`` uses), a step takes two more
+    serving=True)``, what ``hexjax simulate`` uses), a step takes further
     terms from a profile that measured them. The engine's host work
     (``host_pass_s`` plus ``host_row_s`` per request row: scheduling,
     building inputs, sampling, reading tokens back) is added to the first
@@ -72,8 +72,22 @@ Serving engine steps
     back on that host. Copies between meshes of one host (``copy_latency_s``,
     ``copy_Bps``) cost a hop between two stages of that host as
     ``copy_latency + bytes * tp / copy_Bps`` instead of the host's link
-    figures. Without a profile, with one lacking these fields, or outside
-    ``serving`` (the planner, ``predict``), nothing changes.
+    figures. A profile that measured the runtime's stage programs by mesh
+    size (``stage_overhead_s``) charges each stage step its figure at the
+    stage's ``dp * tp`` devices instead of ``step_overhead_s``, and one that
+    measured all-reduces by degree (``allreduce_s``) charges every collective
+    of a ``tp`` stage its figure at ``tp`` devices instead of the ring's
+    latency term (the bandwidth term stays). A profile that measured the
+    runtime's chunk attention (``chunk_key_s``) adds, when the engine's
+    block-table size ``T`` is given, ``l r s (T - s) (heads / tp)`` times its
+    figure to a prefill: the keys of the table beyond the chunk's own, which
+    the runtime's chunk attention reads and the layer curve never saw. A
+    profile that measured copies issued behind the sending stage's program
+    (``chained_copy_s``) takes that as the hop's fixed time instead of
+    ``copy_latency_s``.
+    Without a profile, with one
+    lacking these fields, or outside ``serving`` (the planner, ``predict``),
+    nothing changes.
 
 Tensor parallelism
     Two all-reduces per layer (after attention and after the MLP) of
@@ -411,13 +425,17 @@ def mean_of_max_linear(a0, a1, b0, b1, steps: int):
 
 def stage_cost(cfg: ModelConfig, device: DeviceSpec, intra_bandwidth_Bps: float, intra_latency_s: float,
                num_layers: int, dp: int, tp: int, first: bool, last: bool, microbatches: int,
-               microbatch: int, workload: Workload, dtype_bytes: int = 2) -> StageCost:
+               microbatch: int, workload: Workload, dtype_bytes: int = 2, serving: bool = False,
+               table_tokens: int | None = None) -> StageCost:
     """Time and memory of a stage of ``num_layers`` layers on a ``(dp, tp)`` mesh of one host.
 
     ``num_layers`` may be an integer array: every field then holds one value per entry.
     The FLOPs and bytes are :func:`stage_figures`' at the cost model's own contexts; the decode
     step is the mean over the ``n - 1`` steps of each step's time at its own context ``s + t``
     (``t = 1 .. n - 1``), the slower of its FLOP and byte bounds taken step by step.
+    ``serving``: the serving engine's step, with the profile's stage overhead and all-reduce times by
+    device count where it measured them (see "Serving engine steps" above); ``table_tokens``: the keys
+    a prefill chunk's attention reads (the serving engine's block table), for the profile's chunk term.
     """
     f = stage_figures(cfg, num_layers, dp, tp, first, last, microbatches, microbatch, workload, dtype_bytes)
     e, h, l, r, s = dtype_bytes, cfg.hidden_size, num_layers, f.rows, f.prefill_tokens
@@ -425,7 +443,21 @@ def stage_cost(cfg: ModelConfig, device: DeviceSpec, intra_bandwidth_Bps: float,
     vocab_split = vocab_per_device(cfg, tp) != cfg.vocab_size
     peak_p, bw, link_eff, overhead = rates(device, dtype_bytes, r * s)
     peak_d = rates(device, dtype_bytes, r)[0]
+    prof = device.profile if serving else None
+    collective = None         # measured time of one collective on the stage's tp devices (None: ring model)
+    chunk = 0.0
+    if prof is not None:
+        measured = prof.by_devices(prof.stage_overhead_s, dp * tp)
+        overhead = overhead if measured is None else measured
+        collective = prof.by_devices(prof.allreduce_s, tp) if tp > 1 else None
+        key = prof.by_devices(prof.chunk_key_s, dp * tp)
+        if key is not None and table_tokens is not None:
+            # the chunk attends over the whole block table; keys beyond its own are not in the layer curve
+            heads = cfg.num_heads / tp
+            chunk = l * r * s * max(table_tokens - s, 0) * heads * key
     prefill = _max(f.prefill_flops / peak_p, f.prefill_bytes / bw) + overhead
+    if chunk:
+        prefill = prefill + chunk
     if n > 2:
         # both bounds are linear in the context: evaluate them at the first two steps' contexts
         g = stage_figures(cfg, num_layers, dp, tp, first, last, microbatches, microbatch, workload, dtype_bytes,
@@ -445,6 +477,10 @@ def stage_cost(cfg: ModelConfig, device: DeviceSpec, intra_bandwidth_Bps: float,
             if last and vocab_split:
                 comm += _allgather_s(r * cfg.vocab_size * LOGIT_BYTES, tp, intra_bandwidth_Bps, intra_latency_s,
                                      link_eff)
+            if collective is not None:
+                # each collective's latency as measured on tp devices instead of the ring's (tp - 1) steps
+                comm += (2 * l + (first and vocab_split)) * (collective - 2 * (tp - 1) * intra_latency_s)
+                comm += (last and vocab_split) * (collective - (tp - 1) * intra_latency_s)
             if tokens == s:
                 prefill += comm
             else:
@@ -670,7 +706,7 @@ def link_shares(plan, cluster) -> dict:
 
 
 def _predict_replica(replica, cfg, cluster, workload, dtype_bytes, mb, b, shares=None,
-                     serving: bool = False) -> ReplicaPrediction:
+                     serving: bool = False, table_tokens: int | None = None) -> ReplicaPrediction:
     stages = replica.stages
     P = len(stages)
     hosts = [cluster.host_of(st.devices[0]) for st in stages]
@@ -689,17 +725,19 @@ def _predict_replica(replica, cfg, cluster, workload, dtype_bytes, mb, b, shares
         host = cluster.hosts[hosts[k]]
         c = _stage_cost_memo(cfg, host.device, host.intra_bandwidth_Bps, host.intra_latency_s,
                              st.layers[1] - st.layers[0], st.dp, st.tp, k == 0, k == P - 1, mb, b, workload,
-                             dtype_bytes)
+                             dtype_bytes, **({"serving": True, "table_tokens": table_tokens} if serving else {}))
         w_pre, w_dec = c.prefill_s, c.decode_s
         if k == 0 and host_work is not None:
             w_pre, w_dec = w_pre + host_work, w_dec + host_work
         if k > 0:
             prof = host.device.profile if serving else None
             if hosts[k - 1] == hosts[k] and prof is not None and prof.copy_Bps > 0:
-                # a copy between two meshes of one host, measured: a fixed cost, then every row goes to each
-                # of the stage's tp devices, one copy after another (the host moves them all)
-                w_pre = prof.copy_latency_s + pre_b * st.tp / prof.copy_Bps + w_pre
-                w_dec = prof.copy_latency_s + dec_b * st.tp / prof.copy_Bps + w_dec
+                # a copy between two meshes of one host, measured: a fixed cost (as the engine issues it,
+                # behind the sending program, where measured), then every row goes to each of the stage's
+                # tp devices, one copy after another (the host moves them all)
+                fixed = prof.chained_copy_s or prof.copy_latency_s
+                w_pre = fixed + pre_b * st.tp / prof.copy_Bps + w_pre
+                w_dec = fixed + dec_b * st.tp / prof.copy_Bps + w_dec
             else:
                 bw, lat = bandwidth(hosts[k - 1], hosts[k]), cluster.host_latency(hosts[k - 1], hosts[k])
                 w_pre = hop_s(pre_b, bw, lat) + w_pre

@@ -106,13 +106,16 @@ class CostModelStepTimes:
     ``chunk_row_buckets`` (default: ``row_buckets``) holding ``r`` rows, each
     of the narrowest width holding the longest chunk (the serving engine pads
     every chunk of a step to one width), and a decode step at the smallest of
-    ``row_buckets`` holding its rows. Empty: exact shapes.
+    ``row_buckets`` holding its rows. Empty: exact shapes. ``table_tokens``:
+    the keys of the engine's block tables, which its chunk attention reads
+    (the profile's chunk term; None: no such term).
     """
 
     def __init__(self, plan, cfg, cluster, quantum: int = 8, pipelined: bool = False, serving: bool = True,
                  prefill_widths: Sequence[int] = (), row_buckets: Sequence[int] = (),
-                 chunk_row_buckets: Sequence[int] = ()):
+                 chunk_row_buckets: Sequence[int] = (), table_tokens: int | None = None):
         self.plan, self.cfg, self.cluster, self.quantum = plan, cfg, cluster, quantum
+        self.table_tokens = table_tokens
         self.pipelined, self.serving = pipelined, serving
         self.widths, self.rows = tuple(sorted(prefill_widths)), tuple(sorted(row_buckets))
         self.chunk_rows = tuple(sorted(chunk_row_buckets)) or self.rows
@@ -126,7 +129,8 @@ class CostModelStepTimes:
         rep = self.plan.replicas[replica]
         cuts = cost.microbatch_options(rows, len(rep.stages)) if self.pipelined else [(1, rows)]
         return min(getattr(cost._predict_replica(rep, self.cfg, self.cluster, Workload(prompt, output, rows),
-                                                 self.plan.dtype_bytes, mb, b, serving=self.serving), field)
+                                                 self.plan.dtype_bytes, mb, b, serving=self.serving,
+                                                 table_tokens=self.table_tokens), field)
                    for mb, b in cuts)
 
     def prefill_s(self, replica: int, prompt_lens: Sequence[int]) -> float:
@@ -157,8 +161,8 @@ def engine_shapes(max_batch: int, max_model_len: int, max_step_tokens: int, page
     """The padded shapes ``hexjax.serve.Engine`` compiles, as :class:`CostModelStepTimes` arguments: prefill
     chunk widths are page multiples doubling up to ``max_model_len`` (in pages); decode rows are ``unit``
     (the stages' dp least common multiple) times a power of two, prefill rows times a power of four, capped
-    at ``max_batch``. (Chunks of a step are also cut to at most ``max_step_tokens / rows`` wide, which the
-    narrowest bucket holding them reflects.)"""
+    at ``max_batch``; block tables span ``max_model_len`` in whole pages. (Chunks of a step are also cut to
+    at most ``max_step_tokens / rows`` wide, which the narrowest bucket holding them reflects.)"""
     top = -(-min(max_step_tokens, max_model_len) // page_tokens) * page_tokens
     widths, w = [], page_tokens
     while w < top:
@@ -167,7 +171,8 @@ def engine_shapes(max_batch: int, max_model_len: int, max_step_tokens: int, page
     steps = range((max_batch // unit).bit_length() + 1)
     return {"prefill_widths": tuple(widths + [top]),
             "row_buckets": tuple(sorted({min(unit << k, max_batch) for k in steps})),
-            "chunk_row_buckets": tuple(sorted({min(unit << 2 * k, max_batch) for k in steps}))}
+            "chunk_row_buckets": tuple(sorted({min(unit << 2 * k, max_batch) for k in steps})),
+            "table_tokens": -(-max_model_len // page_tokens) * page_tokens}
 
 
 class MeasuredStepTimes:

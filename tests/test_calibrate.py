@@ -8,7 +8,8 @@ import tomllib
 
 import pytest
 
-from hexjax.calibrate import Calibration, LayerRun, calibrate, load_profile, measure_generation, predict_generation
+from hexjax.calibrate import (Calibration, LayerRun, StageRun, calibrate, load_profile, measure_generation,
+                              predict_generation)
 from hexjax.cluster import Cluster
 from hexjax.errors import ConfigError
 from hexjax.models.config import ModelConfig
@@ -177,7 +178,12 @@ def test_serving_terms_fit_round_trip_and_need_version_2(tmp_path):
 
 @pytest.mark.parametrize("mutate, words", [
     (lambda p: p.update(host_pass_us=300), ["profile.version", "host_pass_us need version = 2"]),
-    (lambda p: p.update(version=3), ["profile.version", "unknown profile version 3"]),
+    (lambda p: p.update(version=4), ["profile.version", "unknown profile version 4"]),
+    (lambda p: p.update(version=2, allreduce_us=[[2, 15.0]]), ["profile.version", "allreduce_us need version = 3"]),
+    (lambda p: p.update(version=3, stage_overhead_us=[[0, 5.0]]), ["profile.stage_overhead_us", "devices >= 1"]),
+    (lambda p: p.update(version=3, chunk_key_ns=[[1, -2.0]]), ["profile.chunk_key_ns", "nanoseconds >= 0"]),
+    (lambda p: p.update(version=3, allreduce_us=[[2, 1.0], [2, 3.0]]), ["profile.allreduce_us", "distinct"]),
+    (lambda p: p.update(version=3, allreduce_us=[[2.5, 1.0]]), ["profile.allreduce_us", "devices >= 1"]),
     (lambda p: p.update(version=2, copy_GBps=-1), ["profile.copy_GBps", "must be >= 0"]),
 ])
 def test_malformed_serving_terms_say_what_is_wrong(mutate, words):
@@ -202,3 +208,72 @@ def test_measured_serving_host_work_is_the_step_less_its_program():
         assert 0 < alone < step
     fixed, rate = measure_stage_copies(jax.devices(), (1 << 10, 1 << 20), 3)
     assert fixed > 0 and rate > 0
+
+
+def test_mesh_terms_fit_round_trip_and_need_version_3(tmp_path):
+    """Stage overheads, in-program all-reduces, the chunk-attention key cost by mesh size and the chained
+    copy: derived from made-up runs as their definitions say (a stage run's time less the serving cost
+    model's time of that step without overhead; the extend runs' slope over the block table's keys; a
+    chain's time less its programs alone, per copy, averaged over the chains), written as version 3,
+    read back equal; a profile without them keeps version 2 and its exact figures."""
+    import dataclasses
+    from hexjax.search import cost
+    from hexjax.workload import Workload
+    cfg = ModelConfig.load("tiny")
+    base = dataclasses.replace(synthetic(), model="tiny", copy_latency_s=1.2e-4, copy_Bps=3e10,
+                               serving=((1, 5e-4, 2e-4), (4, 6e-4, 2.5e-4)))
+    decode = (StageRun(1, 1, 1, 64, 4e-4), StageRun(1, 2, 4, 64, 9e-4), StageRun(2, 1, 1, 64, 1.5e-3),
+              StageRun(2, 2, 4, 64, 2.5e-3))
+    extend = (StageRun(1, 1, 1, 32, 2e-4, "extend", 128), StageRun(1, 1, 1, 32, 8e-4, "extend", 512),
+              StageRun(2, 1, 1, 32, 5e-4, "extend", 128), StageRun(2, 1, 1, 32, 9e-4, "extend", 512))
+    chains = (("1->1", 5e-4, 3e-4, 1), ("1->2->1", 1.2e-3, 6e-4, 2))      # 200 and 300 us per copy
+    cal = dataclasses.replace(base, collectives=((2, 2e-5), (4, 5e-5)), stages=decode + extend, chains=chains)
+    p = cal.device_spec().profile
+    assert p.allreduce_s == ((2, 2e-5), (4, 5e-5)) and p.chained_copy_s == pytest.approx(2.5e-4, abs=1e-9)
+    heads = cfg.num_heads
+    keys = dict(p.chunk_key_s)
+    assert keys[1] == pytest.approx(6e-4 / (32 * 384 * heads), abs=1e-12)
+    assert keys[2] == pytest.approx(4e-4 / (32 * 384 * heads / 2), abs=1e-12)
+    # each mesh size's overhead brings the serving cost model to the mean of its runs
+    spec, (bw, lat) = cal.device_spec(), cal.link()
+    for n in (1, 2):
+        runs = [r for r in decode if r.devices == n]
+        got = [cost.stage_cost(cfg, spec, bw, lat, r.layers, 1, n, False, False, 1, r.rows,
+                               Workload(r.context - 1, 2, r.rows), 4, serving=True).decode_s for r in runs]
+        # (the figures are kept at whole nanoseconds)
+        assert sum(got) / len(got) == pytest.approx(sum(r.seconds for r in runs) / len(runs), abs=1e-9)
+    path = tmp_path / "mesh.toml"
+    path.write_text(cal.to_toml())
+    table = tomllib.loads(path.read_text())["device"]["my-cpu"]["profile"]
+    assert table["version"] == 3 and [n for n, _ in table["allreduce_us"]] == [2, 4]
+    assert [us for _, us in table["allreduce_us"]] == pytest.approx([20, 50], rel=1e-12)
+    assert load_profile(path)["my-cpu"] == cal.device_spec()
+    assert Cluster.from_dict(tomllib.loads(Cluster.load(path).to_toml())) == Cluster.load(path)
+    # without the runs: no such fields, version 2 as before
+    path.write_text(base.to_toml())
+    table = tomllib.loads(path.read_text())["device"]["my-cpu"]["profile"]
+    assert table["version"] == 2 and not {"allreduce_us", "stage_overhead_us", "chunk_key_ns"} & set(table)
+    # best_of keeps each run's fastest
+    slower = dataclasses.replace(cal, collectives=((2, 4e-5), (4, 1e-5)), chains=(("1->1", 4e-4, 3.5e-4, 1),),
+                                 stages=tuple(dataclasses.replace(r, seconds=r.seconds * 2) for r in cal.stages))
+    both = cal.best_of(slower)
+    assert dict(both.collectives) == {2: 2e-5, 4: 1e-5} and set(both.stages) == set(cal.stages)
+    assert set(both.chains) == {("1->1", 4e-4, 3e-4, 1), chains[1]}
+
+
+@pytest.mark.slow  # real timings: noisy on a loaded machine
+def test_measured_mesh_terms_are_positive_and_grow_with_the_table():
+    """calibrate's own stage-program and all-reduce benchmarks on the virtual devices: a two-layer stage step
+    takes longer than a one-layer one on one device (on two, the gap is within a loaded machine's noise),
+    an extend over a larger block table longer than over a smaller one, and chained all-reduces cost more
+    than one."""
+    import jax
+    from hexjax.calibrate import measure_collectives, measure_stage_programs
+    cfg = ModelConfig.load("tiny")
+    runs = measure_stage_programs(cfg, jax.devices(), (1, 2), (2,), 3)
+    t = {(r.phase, r.devices, r.layers, r.table_tokens): r.seconds for r in runs}
+    assert 0 < t["decode", 1, 1, 128] < t["decode", 1, 2, 128] and t["decode", 2, 1, 128] > 0
+    for n in (1, 2):
+        assert 0 < t["extend", n, 1, 128] < t["extend", n, 1, 512]
+    (n, s), = measure_collectives(jax.devices(), (1, 2), 3)
+    assert n == 2 and s > 0

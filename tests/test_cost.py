@@ -222,3 +222,36 @@ def test_a_profile_replaces_the_efficiency_constants():
     assert c.decode_s == pytest.approx(decode, rel=1e-9)
     assert prof.efficiency(2, 0.5) == 0.1 and prof.efficiency(2, 1e6) == 0.9
     assert prof.efficiency(4, 64) == pytest.approx(0.4)          # float32 not measured: the nearest width's curve
+
+
+def test_serving_mesh_terms_by_hand():
+    """A profile's stage overhead, all-reduce and chunk-attention figures by mesh size enter a serving step
+    as the docstring says, against the planner's step of the same stage: the overhead replaces the launch,
+    each collective's latency is the measured one at tp devices instead of the ring's, and a prefill adds
+    l r s (T - s) heads/tp key seconds. Without them (or outside serving) the step is the planner's."""
+    import dataclasses
+    from hexjax.devices import DeviceProfile
+    plain = DeviceProfile((("bfloat16", ((1.0, 0.1), (64.0, 0.4))),), 0.5, 0.25, 3e-4)
+    prof = dataclasses.replace(plain, stage_overhead_s=((1, 1e-4), (4, 7e-4)), allreduce_s=((2, 5e-5), (4, 9e-5)),
+                               chunk_key_s=((1, 2e-9), (2, 3e-9)))
+    dev = DeviceSpec("measured", 2**30, 1e9, 1e8, 1e7, 1.0, "cpu", prof)
+    bare = dataclasses.replace(dev, profile=plain)
+    wl = Workload(prompt_len=16, output_len=2, batch=4)
+    lat = 2e-5
+    for first, last in ((True, True), (False, False), (True, False)):
+        args = (CFG, 4e6, lat, 2, 1, 2, first, last, 1, 4, wl)
+        planner = cost.stage_cost(args[0], dev, *args[1:])
+        served = cost.stage_cost(args[0], dev, *args[1:], serving=True, table_tokens=64)
+        # collectives: 2 per layer, the split embedding's all-reduce, the logits' all-gather
+        n_ar, n_ag = 2 * 2 + first, int(last)
+        overhead = (1e-4 + (7e-4 - 1e-4) * (2 - 1) / (4 - 1)) - 3e-4      # 2 devices: between 1 and 4
+        comm = n_ar * (5e-5 - 2 * (2 - 1) * lat) + n_ag * (5e-5 - (2 - 1) * lat)
+        chunk = 2 * 4 * 16 * (64 - 16) * (2 / 2) * 3e-9
+        assert served.decode_s - planner.decode_s == pytest.approx(overhead + comm, rel=1e-9)
+        assert served.prefill_s - planner.prefill_s == pytest.approx(overhead + comm + chunk, rel=1e-9)
+        # no block table given: no chunk term; a profile without the fields: the planner's step, bit for bit
+        nochunk = cost.stage_cost(args[0], dev, *args[1:], serving=True)
+        assert nochunk.prefill_s - planner.prefill_s == pytest.approx(overhead + comm, rel=1e-9)
+        assert cost.stage_cost(args[0], bare, *args[1:], serving=True, table_tokens=64) == \
+            cost.stage_cost(args[0], bare, *args[1:])
+    assert DeviceProfile.by_devices(prof.stage_overhead_s, 8) == 7e-4 and DeviceProfile.by_devices((), 2) is None

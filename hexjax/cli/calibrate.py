@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -44,6 +45,10 @@ def calibrate_cmd(out: Path | None, quick: bool, model: str, dtypes: str | None,
             "stage_copy_Bps": cal.copy_Bps, "host_pass_s": spec.profile.host_pass_s,
             "host_row_s": spec.profile.host_row_s,
             "serving_steps": [{"rows": r, "step_s": st, "program_s": pr} for r, st, pr in cal.serving],
+            "stage_overhead_s": dict(spec.profile.stage_overhead_s), "allreduce_s": dict(spec.profile.allreduce_s),
+            "chunk_key_s": dict(spec.profile.chunk_key_s), "chained_copy_s": spec.profile.chained_copy_s,
+            "stage_runs": [dataclasses.asdict(r) for r in cal.stages],
+            "stage_chains": [{"meshes": m, "chain_s": c, "alone_s": a, "copies": k} for m, c, a, k in cal.chains],
             "matmul": [{"dtype": d, "rows": r, "k": k, "flops_per_s": f} for d, r, k, f in cal.matmul],
             "layers": [{"phase": r.phase, "batch": r.batch, "context": r.context, "dtype": r.dtype,
                         "measured_s": r.seconds, "predicted_s": cal.predicted_layer_s(r, spec)} for r in cal.layers],
@@ -71,6 +76,13 @@ def calibrate_cmd(out: Path | None, quick: bool, model: str, dtypes: str | None,
                   + ", ".join(f"{r}: {st * 1e3:.3f} vs {pr * 1e3:.3f} ms" for r, st, pr in cal.serving) + ")")
     if cal.copy_Bps:
         con.print(f"copies between stages: {cal.copy_latency_s * 1e6:.3g} us + bytes at {cal.copy_Bps / 1e9:.3g} GB/s")
+    prof = spec.profile
+    if prof.stage_overhead_s:
+        by = (lambda table, scale=1e6: ", ".join(f"{n}: {v * scale:.3g}" for n, v in table) or "-")
+        con.print(f"by devices of a stage's mesh: stage program overhead (us) {by(prof.stage_overhead_s)}; "
+                  f"all-reduce inside a program (us) {by(prof.allreduce_s)}; chunk attention per table key "
+                  f"(ns) {by(prof.chunk_key_s, 1e9)}; a copy issued behind a stage program "
+                  f"{prof.chained_copy_s * 1e6:.3g} us")
     curves = "; ".join(f"{k}: " + ", ".join(f"{int(rows)} rows {e:.2f}" for rows, e in pts)
                        for k, pts in spec.profile.flops_efficiency)
     con.print(f"efficiency vs rows: {curves}")
@@ -90,8 +102,9 @@ def register(app: typer.Typer) -> None:
         name: str | None = typer.Option(None, "--name", help="Device name in the profile (default local-<kind>)."),
         price: float = typer.Option(0.0, "--price", help="Price per device-hour written into the profile."),
         serving: bool = typer.Option(True, "--serving/--no-serving",
-                                     help="Also measure the serving engine's host work per step and the copies "
-                                          "between stages (what `hexjax simulate` adds to a step)."),
+                                     help="Also measure the serving engine's host work per step, the copies "
+                                          "between stages, and the runtime's stage programs, all-reduces and "
+                                          "chained copies by mesh size (what `hexjax simulate` adds to a step)."),
         as_json: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object."),
     ) -> None:
         """Measure the local devices (matmul, memory, one layer, all-reduce, copies, the serving engine's host

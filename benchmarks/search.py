@@ -14,13 +14,16 @@
    hexgen-8gpu, hexgen-full and synthetic-320 (goals 1 s, 10 s, 60 s), each run
    stopped after ``--train-limit-s``.
 6. Training, asymmetric gain for Llama-2-13B and 7B on hexgen-8gpu, hexgen-full and
-   hexiscale-mix: the best plan against constrained searches, (a) every
-   replica the same layout and (b) symmetric (dp 1, one tp, even split).
+   hexiscale-mix (and 13B at sequence length 512, where it fits hexiscale-mix;
+   ``--train-gain`` for this section alone): the best plan against constrained
+   searches, (a) every replica the same layout and (b) symmetric (dp 1, one
+   tp, even split).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import time
@@ -215,10 +218,13 @@ def train_search_times(models, clusters, twl, limit_s: int) -> None:
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"## 5. training search time (seq_len {twl.seq_len}, global batch {twl.global_batch}, microbatches "
           f"{'/'.join(map(str, twl.microbatches))}, remat {twl.remat}, {twl.dtype}; {os.cpu_count()} CPU cores, load "
-          f"average {busy:.1f}; runs stopped after {limit_s} s; CPU s is this process's own time, stages<= the "
-          "automatic max_stages)")
-    print(f"{'model':<12} {'cluster':<14} {'GPUs':>4} {'wall s':>8} {'CPU s':>7} {'stages<=':>8} {'cands':>6} "
-          f"{'replicas':>8} {'stages':>10} {'rows':>14} {'M':>3} {'tok/s':>9} {'step s':>8}")
+          f"average {busy:.1f}; runs stopped after {limit_s} s; CPU s is this process's own time, load the 1-minute "
+          "load average at the end, stages<= the automatic max_stages, programs the (M, n) integer programs settled "
+          "by the class program / needing the program over concrete hosts, unproven those stopped by the time "
+          "limit, gap s the plan's gap_bound_s)")
+    print(f"{'model':<12} {'cluster':<14} {'GPUs':>4} {'wall s':>8} {'CPU s':>7} {'load':>5} {'stages<=':>8} "
+          f"{'cands':>6} {'programs':>9} {'unproven':>8} {'gap s':>6} {'replicas':>8} {'stages':>10} {'rows':>14} "
+          f"{'M':>3} {'tok/s':>9} {'step s':>8}")
     for m in models:
         cfg = ModelConfig.preset(m)
         for name in clusters:
@@ -234,7 +240,13 @@ def train_search_times(models, clusters, twl, limit_s: int) -> None:
                 print(f"{m:<12} {name:<14} {c.num_devices:>4} {'>' + str(limit_s):>8}  (stopped: not finished)")
                 continue
             s, pr = p.prediction["search"], p.prediction
-            print(f"{m:<12} {name:<14} {c.num_devices:>4} {dt:>8.2f} {dc:>7.2f} {s['max_stages']:>8} {s['candidates']:>6} "
+            now = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+            # programs settled by the class program / by the program over concrete hosts after it
+            progs = s.get("programs", {})
+            progs = f"{progs.get('by_classes', '-')}/{progs.get('on_hosts', '-')}"
+            print(f"{m:<12} {name:<14} {c.num_devices:>4} {dt:>8.2f} {dc:>7.2f} {now:>5.1f} {s['max_stages']:>8} "
+                  f"{s['candidates']:>6} {progs:>9} {s.get('unproven_programs', 0):>8} "
+                  f"{s.get('gap_bound_s', 0.0):>6.2f} "
                   f"{len(p.replicas):>8} {str([len(r.stages) for r in p.replicas]):>10} "
                   f"{str(list(p.replica_rows)):>14} {p.microbatches:>3} {pr['tokens_per_s']:>9.0f} "
                   f"{pr['step_s']:>8.2f}")
@@ -277,14 +289,19 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer random clusters, Llama-2-70B only")
     ap.add_argument("--train", action="store_true", help="only the training figures (sections 5 and 6)")
     ap.add_argument("--train-limit-s", type=int, default=600, help="stop a training search after this long")
+    ap.add_argument("--train-gain", action="store_true", help="only the training asymmetric gain (section 6)")
     args = ap.parse_args()
     from hexjax.workload import TrainWorkload
     twl = TrainWorkload(seq_len=4096, global_batch=32, remat="full")
-    if args.train:
-        train_search_times(["llama-2-7b", "llama-2-13b", "llama-2-70b"], ["hexgen-8gpu", "hexgen-full", "synthetic-320"],
-                           twl, args.train_limit_s)
+    if args.train or args.train_gain:
+        if args.train:
+            train_search_times(["llama-2-7b", "llama-2-13b", "llama-2-70b"],
+                               ["hexgen-8gpu", "hexgen-full", "synthetic-320"], twl, args.train_limit_s)
         for m in ("llama-2-13b", "llama-2-7b"):
             train_asymmetric_gain(["hexgen-8gpu", "hexgen-full", "hexiscale-mix"], m, twl)
+        # 13B fits hexiscale-mix at shorter sequences only (the README's example workload)
+        train_asymmetric_gain(["hexgen-8gpu", "hexgen-full", "hexiscale-mix"], "llama-2-13b",
+                              dataclasses.replace(twl, seq_len=512))
         return
     models = ["llama-2-70b"] if args.quick else ["llama-2-70b", "llama-3-70b"]
     search_times(models, ["hexgen-8gpu", "hexgen-full", "synthetic-320"], Workload(512, 128, 16))
@@ -298,6 +315,8 @@ def main() -> None:
                        twl, args.train_limit_s)
     for m in ("llama-2-13b", "llama-2-7b"):
         train_asymmetric_gain(["hexgen-8gpu", "hexgen-full", "hexiscale-mix"], m, twl)
+    train_asymmetric_gain(["hexgen-8gpu", "hexgen-full", "hexiscale-mix"], "llama-2-13b",
+                          dataclasses.replace(twl, seq_len=512))
 
 
 if __name__ == "__main__":

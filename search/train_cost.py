@@ -71,16 +71,23 @@ Memory per device (must fit ``M (1 - reserve)``, as for serving)
     the float32 attention scores ``(heads/tp) T 4`` without remat (the layer
     input and every matmul output the backward reads), the layer input ``h e``
     with full remat, and 4 bytes of token ids on the first stage (the runtime
-    stashes exactly these: ``hexjax.train.step``); workspace, the backward's
-    temporaries for one microbatch: per layer and token
-    ``(2h + 2q/tp + 2 kv_dev + 2f/tp) 4 + 3 (heads/tp) T 4`` (a float32
-    cotangent or rebuilt value per stashed matmul output, and the rebuilt
-    softmax; on the last stage, whose program keeps the forward's values,
-    the probabilities and the scores' cotangent ``2 (heads/tp) T 4``), every
-    layer at once as XLA schedules the program, plus the
-    recomputed forward's stash with remat, and on
-    the last stage the float32 log-probabilities and their gradient over whole
-    rows ``2 r T V 4`` (a split vocabulary is gathered for the loss).
+    stashes exactly these: ``hexjax.train.step``); workspace, the temporaries
+    of one microbatch's backward, which the runtime runs one layer at a time
+    (``hexjax.train.step.chain_backward``): one layer's
+    ``(2h + 2q/tp + 2 kv_dev + 2f/tp) 4 + 3 (heads/tp) T 4`` per token (a
+    float32 cotangent or rebuilt value per stashed matmul output; the rebuilt
+    probabilities, the scores' cotangent and its copy laid out for the key
+    gradient), plus with remat that layer's recomputed matmul outputs
+    (``(2h + 2q/tp + 2 kv_dev + 2f/tp) e``; the recomputed scores become the
+    probabilities). On the last stage the residuals are the program's own
+    temporaries (its one microbatch's stash above) and the layer being
+    differentiated frees its own as they are consumed, so its stashed share
+    comes off; the loss's backward, first, holds ``(3 V + V_dev) 4`` per
+    token (shifted logits, their exponentials, the log-probabilities'
+    cotangent over whole rows, and this device's share of the logits'
+    cotangent): the workspace is the larger of the two. The first stage's
+    float32 embedding gradient ``V_dev h 4`` (a scatter-add table) is a
+    floor.
     ``hexjax plan --task train --verify`` compares this with XLA's analysis of
     the compiled programs.
 """
@@ -142,20 +149,30 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, tp: int, wl: TrainWorkloa
     return per + (cfg.num_heads / tp) * wl.seq_len * 4
 
 
-def backward_bytes_per_token_layer(cfg: ModelConfig, tp: int, wl: TrainWorkload, fused: bool) -> float:
-    """Temporaries one token needs per layer in a backward program without remat.
+def backward_bytes_per_token_layer(cfg: ModelConfig, tp: int, wl: TrainWorkload) -> float:
+    """Temporaries one token needs in ONE layer's backward (the runtime's backward takes its layers one at
+    a time: ``hexjax.train.step.chain_backward``), beside that layer's stashed (or, with remat, recomputed)
+    activations.
 
-    A backward program that reads a stash (every stage but the last) rebuilds the softmax from the
-    stashed scores (exponentials, their normaliser, the probabilities: float32 ``3 (heads/tp) T``) and
-    holds one float32 value per stashed matmul output (its cotangent or the elementwise value rebuilt from
-    it). The last stage runs its forward in the same program (``fused``): the forward's values are its
-    stash, and the backward adds the float32 probabilities and the scores' cotangent, ``2 (heads/tp) T``."""
+    The peak is at the attention's softmax: the float32 probabilities rebuilt from the scores, the scores'
+    cotangent and a second copy of it laid out for the key gradient's matmul, ``3 (heads/tp) T 4``; and one
+    float32 value per stashed matmul output, its cotangent or the elementwise value rebuilt from it (norms,
+    SiLU), ``(2h + 2q/tp + 2 kv_dev + 2f/tp) 4``. Float32 also under bfloat16: the scores are computed in
+    float32, and XLA:CPU runs bfloat16 matmuls in float32 (on GPUs, where the cotangents stay bfloat16,
+    the second term is an upper bound)."""
     scores = (cfg.num_heads / tp) * wl.seq_len * 4
-    if fused:
-        return 2 * scores
     kv = cost.kv_heads_per_device(cfg, tp) * cfg.head_dim
     per = 2 * cfg.hidden_size + 2 * cfg.q_size / tp + 2 * kv + 2 * cfg.intermediate_size / tp
     return 4 * per + 3 * scores
+
+
+def head_backward_bytes_per_token(cfg: ModelConfig, tp: int) -> float:
+    """Temporaries one token needs in the loss's backward on the last stage: over the whole vocabulary (a
+    split vocabulary is gathered for the loss) the float32 logits shifted by their maximum, their
+    exponentials (log-softmax's residuals) and the scattered cotangent of the log-probabilities, and the
+    cotangent of this device's share of the logits laid out for the head's weight gradient,
+    ``(3 V + V_dev) 4``."""
+    return (3 * cfg.vocab_size + cost.vocab_per_device(cfg, tp)) * cost.LOGIT_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,17 +245,31 @@ def stage_train_cost(cfg: ModelConfig, device: DeviceSpec, intra_bw: float, intr
     if hop_link is not None:
         comm = comm + 2 * cost.hop_s(microbatch * T * h * e, *hop_link)
     stash_b = stash * r * T * (l * activation_bytes_per_token_layer(cfg, tp, wl, full=not remat) + (4 if first else 0))
-    # the backward program's temporaries: XLA rebuilds every layer's values before the layers' transposes
-    # use them, so they scale with the layer count; with remat each layer's recomputed forward (its stash
-    # without remat) comes on top
-    per_layer = backward_bytes_per_token_layer(cfg, tp, wl, fused=last)
+    # workspace: the larger program's temporaries for one microbatch beside the stash. The backward takes
+    # one layer at a time: that layer's temporaries, and with remat its recomputed forward (what it would
+    # stash without remat). The last stage runs its forward in the same program (its one microbatch's
+    # residuals are the stash above) and the loss's backward before the layers'. The first stage's
+    # embedding gradient is a dense float32 table built by scatter-add, after the layers.
+    # With remat the recomputed matmul outputs come on top, but not the recomputed scores: they turn into
+    # the probabilities, one of the three score-sized buffers already counted. In the last stage's program
+    # the residuals are temporaries, and the layer being differentiated frees its own as its backward
+    # consumes them (elsewhere the stash is the program's argument and stays).
+    layer = backward_bytes_per_token_layer(cfg, tp, wl)
     if remat:
-        per_layer = per_layer + activation_bytes_per_token_layer(cfg, tp, wl, full=True)
-    work = l * r * T * per_layer
-    if last:   # the loss's log-softmax and its gradient see whole rows: a split vocabulary is gathered
-        work = work + 2 * r * T * cfg.vocab_size * cost.LOGIT_BYTES
-    return StageTrainCost(compute, comm, params * pb, params * gb, params * ob, stash_b, work + 0 * l,
+        layer = layer + activation_bytes_per_token_layer(cfg, tp, wl, full=True) - (cfg.num_heads / tp) * T * 4
+    if last:
+        layer = layer - activation_bytes_per_token_layer(cfg, tp, wl, full=not remat)
+    work = r * T * layer + 0 * l
+    if last:
+        work = _maximum(work, r * T * head_backward_bytes_per_token(cfg, tp))
+    if first:
+        work = _maximum(work, vocab_dev * h * 4)
+    return StageTrainCost(compute, comm, params * pb, params * gb, params * ob, stash_b, work,
                           cost.usable_memory_bytes(device))
+
+
+def _maximum(a, b):
+    return np.maximum(a, b) if isinstance(a, np.ndarray) or isinstance(b, np.ndarray) else max(a, b)
 
 
 def pipeline_time(work: list, microbatches: int):

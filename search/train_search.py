@@ -41,15 +41,26 @@ Values come from :mod:`hexjax.search.train_cost`:
    (``throughput``; with ``budget_per_hour`` also price <= budget), or the
    frontier of (step, price) points is enumerated (``cost``). Every plan of
    the space is feasible in its own ``(M, n)`` program, which values it
-   exactly, so the least value over all programs is the optimum. Programs
+   exactly, so the least value over all programs is the optimum.
+   Each program is first solved over host classes (:func:`_solve_classes`:
+   a candidate per column, per segment and class a count of members, the
+   hosts of a class being interchangeable), a relaxation whose value bounds
+   the program's from below; the chosen candidates are then placed on hosts
+   (the program above over their columns only), and when the placed plan's
+   exact value meets the bound it is the program's optimum. Otherwise the
+   program over every column decides, told to beat the placed plan.
+   Before the exact programs, small ones over each share's few fastest
+   candidates give a first value to cut with. Programs
    whose lower bound (least ``T`` of a replica that takes at least
    ``B / (M n)`` sequences, plus every unit's sync at the cheapest link a
    group of ``n`` of the columns' copies could have) cannot beat the best
    so far are skipped, ``n`` stops where ``n``
    copies of the training state exceed the cluster's memory, and a program
    leaves out the columns that could not improve on the best value (a
-   replica slower than it, or one taking more sequences than the other
-   ``n - 1`` leave).
+   replica slower than it less the least sync of ``n`` copies, or one
+   taking more sequences than the other ``n - 1`` leave); one whose class
+   program without sync (the least slowest replica of any packing) plus
+   that least sync cannot beat it is skipped.
 
 Exactness and layer splits. The sync couples the replicas' layouts: a
 replica that is not the slowest may do better with a slower split that keeps
@@ -474,7 +485,8 @@ def candidates(cfg, cluster, wl: TrainWorkload, max_stages: int, sym: Symmetry, 
             done += len(chunk)
         if P < max(levels) and found:
             # the best plan of the shorter pipelines found so far bounds what the longer ones must beat
-            got = _combine(_undominated(found, sym), sym, cfg, cluster, wl, objective, budget, constraints)
+            got = _combine(_undominated(found, sym), sym, cfg, cluster, wl, objective, budget, constraints,
+                           exact=False)
             if got is not None:
                 incumbent = min(incumbent, got[0])
     if progress is not None:
@@ -608,6 +620,8 @@ PROGRAM_TIME_LIMIT_S = 60.0
 plan says so (``unproven_programs``), its ``gap_bound_s`` still bounding how far from optimal it can be."""
 _unproven = [0]
 """Programs of the current search stopped by the time limit."""
+_bounded = [0]
+"""Programs of the current search that charged the bounded sync (over ``EXACT_SYNC_LIMIT``)."""
 
 EXACT_SYNC_LIMIT = 60_000
 """Largest columns x sync segments for which the integer program prices every layer group; above it each
@@ -624,6 +638,7 @@ def _sync_groups(cols: list[_Column], unit_bytes: list[float]) -> list[tuple[int
     if len(cols) * len(segments) <= EXACT_SYNC_LIMIT:
         return [(count, nbytes, {int(h): np.flatnonzero(holders == h).tolist() for h in set(holders.tolist())})
                 for count, nbytes, holders, _ in segments]
+    _bounded[0] += 1
     uses: dict = defaultdict(list)
     for j, c in enumerate(cols):
         for h in c.use:
@@ -640,6 +655,20 @@ def _least_group_s(cluster, caps: dict, nbytes: float, n: int) -> float:
     A group whose slowest link costs ``c`` lies in one connected part of the hosts joined by links costing at
     most ``c`` (a host counting for more than one member only when its own link costs at most ``c``); the
     least ``c`` at which some part can hold ``n`` members is a lower bound (inf: none can)."""
+    key = (cluster, tuple(sorted(caps.items())), nbytes, n)
+    got = _group_cache.get(key)
+    if got is None:
+        if len(_group_cache) > 100_000:
+            _group_cache.clear()
+        got = _group_cache[key] = _least_group_uncached(cluster, caps, nbytes, n)
+    return got
+
+
+_group_cache: dict = {}
+""":func:`_least_group_s` by its arguments: the bound programs and footprints ask for the same few groups."""
+
+
+def _least_group_uncached(cluster, caps: dict, nbytes: float, n: int) -> float:
     from scipy.sparse.csgraph import connected_components
 
     hosts = sorted(caps)
@@ -684,9 +713,10 @@ def _sync_bound_any_cluster(cluster, n: int, unit_bytes: list[float]) -> float:
     return sum(_least_group_s(cluster, caps, nbytes, n) for nbytes in unit_bytes)
 
 
-def _solve(cols: list[_Column], cluster, n: int, batch: int, unit_bytes: list[float], budget: float | None,
-           price_cap: float | None, time_cap: float | None, minimise: str):
-    """One integer program (see the module docstring): the chosen ``{column: copies}`` or None."""
+def _solve_hosts(cols: list[_Column], cluster, n: int, batch: int, unit_bytes: list[float], budget: float | None,
+                 price_cap: float | None, time_cap: float | None, minimise: str):
+    """The integer program over copies on concrete hosts (see the module docstring): ``({column: copies},
+    objective value)`` or None."""
     from scipy.optimize import Bounds, LinearConstraint
     from scipy.sparse import coo_matrix
 
@@ -767,7 +797,185 @@ def _solve(cols: list[_Column], cluster, n: int, batch: int, unit_bytes: list[fl
     if res.status not in (0, 1) or res.x is None:
         return None
     z = np.round(res.x[:C]).astype(int)
-    return {j: int(z[j]) for j in range(C) if z[j] > 0}
+    return {j: int(z[j]) for j in range(C) if z[j] > 0}, float(res.fun)
+
+
+def _solve_classes(cols: list[_Column], sym: Symmetry, cluster, n: int, batch: int, unit_bytes: list[float],
+                   budget: float | None, price_cap: float | None, time_cap: float | None, minimise: str,
+                   sync: bool = True):
+    """The program over host classes, a relaxation of :func:`_solve_hosts`: ``({candidate: copies}, value)``,
+    None when infeasible (so is the program on hosts), or ``"unknown"`` when stopped by the time limit.
+
+    Hosts of a class are interchangeable (same devices, zone, own link, links to every other host), so a
+    column is a candidate (not a candidate on concrete hosts) and, per sync segment and class, the members
+    are the copies of the candidates keeping the segment's units there, an integer count ``m``. Exact terms:
+    two classes holding members, their link; ``m`` above the class's hosts, two members share a host (its
+    own link); the members' devices above one host's, two are on distinct hosts (the class's link); one
+    host in the class, its own link. Otherwise two or more members cost at least the cheaper of the two
+    links (whether they share a host depends on the packing, which the class program does not see).
+    Devices: each class's total, and at most ``q`` pieces larger than ``1 / (q + 1)`` of a host per host."""
+    from scipy.optimize import Bounds, LinearConstraint
+    from scipy.sparse import coo_matrix
+
+    from hexjax.search.milp import milp
+
+    cands: dict = {}
+    for c in cols:
+        cands.setdefault(c.cand, c)
+    reps = list(cands.values())
+    K = len(reps)
+    if K == 0:
+        return None
+    ri, ci, vals, lo, hi = [], [], [], [], []
+    ub, integer, step_cost = [float(n)] * K + [1.0] * K + [0.0], [1] * (2 * K) + [0], [0.0] * (2 * K) + [1.0]
+    T = 2 * K
+
+    def var(upper, is_int, weight=0.0):
+        ub.append(upper)
+        integer.append(is_int)
+        step_cost.append(weight)
+        return len(ub) - 1
+
+    def row(entries, low, high):
+        r = len(lo)
+        for j, v in entries:
+            ri.append(r)
+            ci.append(j)
+            vals.append(v)
+        lo.append(low)
+        hi.append(high)
+
+    row([(j, 1) for j in range(K)], n, n)
+    row([(j, reps[j].rows) for j in range(K)], batch, batch)
+    pieces = defaultdict(list)            # class -> [(candidate, devices)] of every stage
+    for j, c in enumerate(reps):
+        for h, u in c.use.items():
+            pieces[sym.class_of[h]].append((j, u))
+    for k, got in pieces.items():
+        hosts, count = len(sym.classes[k].hosts), sym.classes[k].count
+        row(got, -np.inf, hosts * count)
+        for q in range(1, count):         # pieces of more than count / (q + 1) devices: q per host at most
+            big = [(j, 1) for j, u in got if u * (q + 1) > count]
+            if big:
+                row(big, -np.inf, q * hosts)
+    for j, c in enumerate(reps):
+        row([(j, 1), (K + j, -n)], -np.inf, 0)                     # z <= n y
+        row([(K + j, c.step_s), (T, -1)], -np.inf, 0)              # t >= T y
+    ub[T] = max(c.step_s for c in reps)
+    if n > 1 and sync:
+        for count, nbytes, holders, widths in _segments(reps, unit_bytes):
+            members = defaultdict(list)   # class -> [(candidate, devices of its stage)]
+            for j, (h, w) in enumerate(zip(holders.tolist(), widths.tolist())):
+                members[sym.class_of[h]].append((j, w))
+            ks = sorted(members)
+            first = {k: sym.classes[k].hosts[0] for k in ks}
+            own = {k: (train_cost.link_allreduce_s(cluster, first[k], first[k], nbytes, n)
+                       if sym.classes[k].count > 1 else None) for k in ks}
+            between = {k: (train_cost.link_allreduce_s(cluster, first[k], sym.classes[k].hosts[1], nbytes, n)
+                           if len(sym.classes[k].hosts) > 1 else None) for k in ks}
+            pair = {(a, b): train_cost.link_allreduce_s(cluster, first[a], first[b], nbytes, n)
+                    for i, a in enumerate(ks) for b in ks[i + 1:]}
+            worst = max([*pair.values(), *(v for v in own.values() if v is not None),
+                         *(v for v in between.values() if v is not None), 0.0])
+            s = var(worst, 0, count)
+            x = {}
+            for k in ks:
+                held = [(j, 1) for j, _ in members[k]]
+                x[k] = var(1, 1)
+                row(held + [(x[k], -n)], -np.inf, 0)               # a member in k: x_k = 1
+                links = [v for v in (own[k], between[k]) if v is not None]
+                hosts, cap = len(sym.classes[k].hosts), sym.classes[k].count
+                if not links:                                      # one host of one device: one member
+                    row(held, -np.inf, 1)
+                    continue
+                two = var(1, 1)                                    # two or more members in k
+                row(held + [(two, -(n - 1))], -np.inf, 1)
+                row([(two, min(links)), (s, -1)], -np.inf, 0)
+                if own[k] is not None and between[k] is not None and n > hosts:
+                    f = var(1, 1)                                  # more members than hosts: two share one
+                    row(held + [(f, -(n - hosts))], -np.inf, hosts)
+                    row([(f, own[k]), (s, -1)], -np.inf, 0)
+                if between[k] is not None and own[k] is not None:
+                    g = var(1, 1)                                  # more devices than a host has: two apart
+                    row([(j, w) for j, w in members[k]] + [(g, -n * max(w for _, w in members[k]))], -np.inf, cap)
+                    row([(g, between[k]), (s, -1)], -np.inf, 0)
+            for (a, b), c_ab in pair.items():
+                row([(x[a], c_ab), (x[b], c_ab), (s, -1)], -np.inf, c_ab)
+    N = len(ub)
+    for cap in (budget, price_cap):
+        if cap is not None:
+            row([(j, reps[j].price) for j in range(K)], -np.inf, cap)
+    if time_cap is not None:
+        row([(j, w) for j, w in enumerate(step_cost) if w], -np.inf, time_cap)
+    c = np.zeros(N)
+    if minimise == "time":
+        c[:] = step_cost
+    else:
+        c[:K] = [col.price for col in reps]
+    A = coo_matrix((vals, (ri, ci)), shape=(len(lo), N)).tocsr()
+    res = milp(c, constraints=[LinearConstraint(A, lo, hi)], integrality=np.array(integer),
+               bounds=Bounds(np.zeros(N), np.array(ub)),
+               options={"mip_rel_gap": 0.0, "presolve": True, "time_limit": PROGRAM_TIME_LIMIT_S})
+    if res.status == 1:
+        return "unknown"
+    if res.status != 0 or res.x is None:
+        return None
+    z = np.round(res.x[:K]).astype(int)
+    return {reps[j].cand: int(z[j]) for j in range(K) if z[j] > 0}, float(res.fun)
+
+
+PLACED_TOLERANCE = 1e-6
+"""Relative slack between a placed plan's exact value and the class program's value under which the plan
+counts as optimal: the solver's own (its integrality tolerance lets a link term fall short by about this)."""
+_by_classes = [0, 0]
+"""Programs of the current search solved by the class program and a placement of its candidates, and
+programs that needed the program on hosts after it."""
+
+
+def _solve(cols: list[_Column], sym: Symmetry, cluster, n: int, batch: int, unit_bytes: list[float],
+           budget: float | None, price_cap: float | None, time_cap: float | None, minimise: str):
+    """The optimum of :func:`_solve_hosts` (``{column: copies}`` or None), found through the smaller class
+    program where it can be.
+
+    The class program (:func:`_solve_classes`) bounds every plan from below; its candidates placed on hosts
+    (the program on hosts over their columns only) give a plan; when that plan's value meets the bound it
+    is optimal. Otherwise (or when the class program ran out of time) the program on hosts over every
+    column decides, told that it must beat the placed plan."""
+    got = _solve_classes(cols, sym, cluster, n, batch, unit_bytes, budget, price_cap, time_cap, minimise)
+    if got is None:                       # a relaxation without a solution: none on hosts either
+        _by_classes[0] += 1
+        return None
+    placed = None
+    if got != "unknown":
+        copies, bound = got
+        keep = [j for j, c in enumerate(cols) if c.cand in copies]
+        found = _solve_hosts([cols[j] for j in keep], cluster, n, batch, unit_bytes, budget, price_cap, time_cap,
+                             minimise)
+        if found is not None:
+            chosen = {keep[j]: x for j, x in found[0].items()}
+            placed = (chosen, _exact_step(chosen, cols, cluster, unit_bytes) if minimise == "time"
+                      else sum(cols[j].price * x for j, x in chosen.items()))
+            if placed[1] <= bound + PLACED_TOLERANCE * max(1.0, abs(bound)):
+                _by_classes[0] += 1
+                return placed[0]
+    _by_classes[1] += 1
+    cap = time_cap
+    if placed is not None and minimise == "time":
+        cap = placed[1] if cap is None else min(cap, placed[1])
+    found = _solve_hosts(cols, cluster, n, batch, unit_bytes, budget, price_cap, cap, minimise)
+    if found is None or placed is None:
+        return (placed or found or (None,))[0]
+    # a bounded program's value is not the plan's: compare the two exactly
+    exact = lambda chosen: (_exact_step(chosen, cols, cluster, unit_bytes) if minimise == "time"
+                            else sum(cols[j].price * x for j, x in chosen.items()))
+    return min(found[0], placed[0], key=exact)
+
+
+def _exact_step(chosen: dict, cols, cluster, unit_bytes: list[float]) -> float:
+    """The step time of a solution as :func:`_step` prices it, from the units' bytes."""
+    units = [cols[j].units for j, x in chosen.items() for _ in range(x)]
+    sync = sum(train_cost.group_sync_s(cluster, [r[u] for r in units], nbytes) for u, nbytes in enumerate(unit_bytes))
+    return max(cols[j].step_s for j in chosen) + sync
 
 
 def _step(chosen: dict, cols, cfg, cluster, wl) -> float:
@@ -835,7 +1043,7 @@ def plan_train(model, cluster, wl: TrainWorkload, objective: str = "throughput",
         evaluated = len(cands)
     if not cands:
         raise PlanError(infeasible_message(cfg, cluster, wl, max_stages, None))
-    _unproven[0] = 0
+    _unproven[0] = _bounded[0] = _by_classes[0] = _by_classes[1] = 0
     best = _combine(cands, sym, cfg, cluster, wl, objective, budget_per_hour, constraints)
     if best is None:
         raise PlanError(infeasible_message(cfg, cluster, wl, max_stages, budget_per_hour, cands=cands))
@@ -845,6 +1053,7 @@ def plan_train(model, cluster, wl: TrainWorkload, objective: str = "throughput",
     meta = {"search_s": time.perf_counter() - t0, "max_stages": max_stages, "exhaustive": False,
             "candidates": len(cands), "orders_evaluated": evaluated, "layer_splits": splits}
     meta["sync_pricing"] = "bounded" if bounded else "per layer group"
+    meta["programs"] = {"by_classes": _by_classes[0], "on_hosts": _by_classes[1]}
     if _unproven[0]:
         meta["unproven_programs"] = _unproven[0]
     if (splits == "fastest" or bounded or _unproven[0]) and lower is not None:
@@ -854,10 +1063,13 @@ def plan_train(model, cluster, wl: TrainWorkload, objective: str = "throughput",
     return _finish(result, cfg, cluster, wl, meta)
 
 
-def _combine(cands, sym, cfg, cluster, wl, objective, budget, constraints):
+def _combine(cands, sym, cfg, cluster, wl, objective, budget, constraints, exact: bool = True):
     """Best ``(value, {column: copies}, columns, lower)`` over every ``(M, n)`` program, taken in the order of
     their lower bounds until none can beat the best value found; ``lower`` (throughput) bounds the step of
-    any plan of the candidates' footprints and orders under every layer split from below."""
+    any plan of the candidates' footprints and orders under every layer split from below.
+
+    ``exact=False`` (throughput): only the small programs over each share's fastest candidates, a plan
+    good enough to bound what longer pipelines must beat."""
     B = wl.global_batch
     # every replica holds the whole training state at least once
     room = sum(cost.usable_memory_bytes(h.device) * h.count for h in cluster.hosts)
@@ -892,7 +1104,20 @@ def _combine(cands, sym, cfg, cluster, wl, objective, budget, constraints):
     # fastest candidate of its (M, b), whatever its layer split, and its sync no cheaper than the cluster allows
     lower = min((t + _sync_bound_any_cluster(cluster, n, unit_bytes) for _, _, n, _, t in jobs),
                 default=INF) if objective == "throughput" else None
-    best, bounded = None, False
+    best = None
+    if objective == "throughput":
+        # a first value to cut with, from small programs: per share, the few fastest candidates
+        for lb, M, n, pool, _ in jobs:
+            if best is not None and lb >= best[0]:
+                break
+            few = _fastest_per_share(pool, WARM_CANDIDATES)
+            for chosen in _programs(few, sym, cfg, cluster, wl, n, B, unit_bytes, budget, objective,
+                                    incumbent=None if best is None else best[0]):
+                value = _value(chosen, few, cfg, cluster, wl, objective)[0]
+                if best is None or value < best[0] * (1 - 1e-12):
+                    best = (value, chosen, few)
+        if not exact:
+            return None if best is None else best + (lower, _bounded[0] > 0)
     for lb, M, n, pool, _ in jobs:
         if best is not None and lb >= best[0]:
             break
@@ -904,27 +1129,51 @@ def _combine(cands, sym, cfg, cluster, wl, objective, budget, constraints):
         if not pool:
             continue
         if best is not None and objective == "throughput" and n > 1:     # the bound again, on what is left
+            # any n copies of the pool sync at least `sync`: a column slower than the best value less that is
+            # in no better plan, and fewer columns can only raise the bound
+            while pool:
+                sync = _sync_bound(pool, cluster, n, unit_bytes)
+                left = [c for c in pool if c.step_s + sync < best[0]]
+                if len(left) == len(pool):
+                    break
+                pool = left
             share = -(-B // (M * n))
             big = [c.step_s for c in pool if c.rows >= M * share]
-            if not big or min(big) + _sync_bound(pool, cluster, n, unit_bytes) >= best[0]:
+            if not big or min(big) + sync >= best[0]:
+                continue
+            # the slowest replica of n copies packed on the classes' devices (no sync): a bound on the step
+            packed = _solve_classes(pool, sym, cluster, n, B, unit_bytes, budget, None, None, "time", sync=False)
+            if packed is None or (packed != "unknown" and packed[1] + sync >= best[0]):
                 continue
 
         def hopeless(step, best=best):
             # the frontier's later points are slower: they cost at least the cheapest n copies for that long
             return best is not None and floor * step >= best[0]
 
-        bounded = bounded or (n > 1 and len(pool) * len(_segments(pool, unit_bytes)) > EXACT_SYNC_LIMIT)
-        for chosen in _programs(pool, cfg, cluster, wl, n, B, unit_bytes, budget, objective, hopeless,
+        for chosen in _programs(pool, sym, cfg, cluster, wl, n, B, unit_bytes, budget, objective, hopeless,
                                 None if best is None or objective != "throughput" else best[0]):
             value, _, price = _value(chosen, pool, cfg, cluster, wl, objective)
             if budget is not None and price > budget * (1 + 1e-9):      # beyond the solver's tolerance
                 continue
             if best is None or value < best[0] * (1 - 1e-12):
                 best = (value, chosen, pool)
-    return None if best is None else best + (lower, bounded)
+    return None if best is None else best + (lower, _bounded[0] > 0)
 
 
-def _programs(cols, cfg, cluster, wl, n, B, unit_bytes, budget, objective, hopeless=lambda t: False,
+WARM_CANDIDATES = 3
+"""Candidates per share in the small programs that give the exact ones a first value to beat."""
+
+
+def _fastest_per_share(cols: list[_Column], k: int) -> list[_Column]:
+    """The columns of the ``k`` fastest candidates of every share (rows)."""
+    steps: dict = defaultdict(dict)
+    for c in cols:
+        steps[c.rows][c.cand] = c.step_s
+    keep = {cand for got in steps.values() for cand in sorted(got, key=lambda x: (got[x], x))[:k]}
+    return [c for c in cols if c.cand in keep]
+
+
+def _programs(cols, sym, cfg, cluster, wl, n, B, unit_bytes, budget, objective, hopeless=lambda t: False,
               incumbent: float | None = None):
     """Solutions worth valuing: the least-step one (throughput; only one faster than ``incumbent``), or the
     (step, price) frontier (cost)."""
@@ -935,19 +1184,19 @@ def _programs(cols, cfg, cluster, wl, n, B, unit_bytes, budget, objective, hopel
             yield {min(ok, key=key): 1}
         return
     if objective == "throughput":
-        got = _solve(cols, cluster, n, B, unit_bytes, budget, None, incumbent, "time")
+        got = _solve(cols, sym, cluster, n, B, unit_bytes, budget, None, incumbent, "time")
         if got is not None:
             yield got
         return
     cap = last = None
     while True:
-        got = _solve(cols, cluster, n, B, unit_bytes, budget, cap, None, "time")
+        got = _solve(cols, sym, cluster, n, B, unit_bytes, budget, cap, None, "time")
         if got is None:
             return
         step = _step(got, cols, cfg, cluster, wl)
         if hopeless(step):
             return
-        cheap = _solve(cols, cluster, n, B, unit_bytes, budget, cap, step * (1 + 1e-9), "price")
+        cheap = _solve(cols, sym, cluster, n, B, unit_bytes, budget, cap, step * (1 + 1e-9), "price")
         got = cheap or got
         yield got
         price = sum(cols[j].price * x for j, x in got.items())

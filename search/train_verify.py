@@ -2,7 +2,9 @@
 
 ``hexjax.train.compile_train`` compiles every stage's forward, backward and
 AdamW update ahead of time (no weights), in the workload's dtype (bfloat16 is
-mixed precision: float32 master weights, gradients and moments). Per device:
+mixed precision: float32 master weights, gradients and moments), with the
+options the runtime uses (on CPU, XLA's memory-minimising scheduler:
+``hexjax.train.step.compiler_options``). Per device:
 
 * training state: XLA's arguments of the update program (parameters, the two
   moments, gradients) against the cost model's parameters + gradients +

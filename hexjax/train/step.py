@@ -157,17 +157,21 @@ def chain_forward(pieces, params, x):
     return h, stash
 
 
-def chain_backward(pieces, params, x, stash, cot):
-    """The vjp of ``chain_forward``'s pieces from their stash: ``(gradients by key, cotangent of x)``.
+def chain_backward(pieces, params, x, stash, cot, acc, extra=None):
+    """The vjp of ``chain_forward``'s pieces from their stash, each piece's parameter gradients added to the
+    accumulator ``acc`` (plus ``extra[k]`` where given, e.g. a tied embedding's gradient from the head):
+    ``(new acc, cotangent of x)``.
 
-    Pieces are taken last to first. XLA schedules the program as a whole: on CPU it rebuilds every
-    layer's elementwise values (norms, softmax, SiLU) from the stash before their layers' transposes
-    need them, so the program's temporaries grow with the layer count."""
+    Pieces are taken last to first, one at a time: each piece's residuals are made to depend on the
+    cotangent arriving from the piece above, and that cotangent on the piece above's accumulated
+    gradients (``after``). XLA schedules a program as a whole and would otherwise rebuild (with remat,
+    recompute) every layer's values as soon as the stash exists and put the weight gradients off until
+    the whole cotangent chain is done, keeping every layer's temporaries live at once."""
     pos = _positions(x)
     shapes = [x]
     for keys, fn in pieces[:-1]:     # each piece's input, for shapes only
         shapes.append(jax.eval_shape(fn, {k: params[k] for k in keys}, shapes[-1], pos))
-    grads: dict = {}
+    acc, extra = dict(acc), extra or {}
     for (keys, fn), st, h in reversed(list(zip(pieces, stash, shapes))):
         p = {k: params[k] for k in keys}
         # the input only sets shapes here: every residual that depends on it comes from the stash, and
@@ -175,14 +179,62 @@ def chain_backward(pieces, params, x, stash, cot):
         hz = jnp.zeros(h.shape, h.dtype)
         _, pull = _piece_vjp(fn, p, hz, pos)
         leaves, tree = jax.tree.flatten(pull)
-        it = iter(st)
+        it = iter(after(list(st), cot))
         keep = _depends_on_input(fn, p, hz, pos)
         pull = jax.tree.unflatten(tree, [next(it) if k else a for a, k in zip(leaves, keep)])
         out = pull(cot)
         g, cot = (out[0], out[1]) if len(out) == 2 else (out[0], None)
         for k, v in g.items():
-            grads[k] = jax.tree.map(jnp.add, grads[k], v) if k in grads else v
-    return grads, cot
+            if k in extra:
+                v = jax.tree.map(jnp.add, v, extra[k])
+            acc[k] = jax.tree.map(jnp.add, acc[k], v)
+        if cot is not None:
+            cot = after(cot, [acc[k] for k in g])
+    return acc, cot
+
+
+def after(tree, dep):
+    """``tree`` with each floating leaf made to depend on every leaf of ``dep``, its value unchanged.
+
+    Adds zero times the float32 sum of ``dep`` (exact while that sum is finite; a non-finite gradient
+    poisons the step's clipping norm anyway). XLA keeps it: a float ``x * 0`` is not folded (NaN), whereas
+    an ``optimization_barrier`` is removed before XLA:CPU schedules and so orders nothing."""
+    deps = [a for a in jax.tree.leaves(dep) if jnp.issubdtype(a.dtype, jnp.floating)]
+    if not deps:
+        return tree
+    zero = sum(jnp.sum(a.astype(jnp.float32)) for a in deps) * 0
+
+    def tie(a):
+        return a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    return jax.tree.map(tie, tree)
+
+
+def compiler_options(platform: str) -> dict:
+    """XLA options of a stage's forward and backward programs on ``platform``.
+
+    XLA:CPU's default scheduler orders a program for parallelism across its thread pool and starts every
+    layer's elementwise values (the softmax rebuilt from the scores, SiLU, casts) as soon as their inputs
+    exist, keeping all of them live at once, data dependencies (``after``) notwithstanding. Its
+    memory-minimising schedule runs the backward layer by layer, as the cost model counts it
+    (``hexjax.search.train_cost``): with both, the ``small`` model's one-stage backward at 16 x 128 tokens
+    holds 183 MiB of temporaries instead of 398 (float32), 60 instead of 398 with remat. It costs speed on
+    CPU: ``benchmarks/train_cpu.py`` ran the two-replica plan's step in about 0.91 s instead of 0.63 s
+    (2 cores at load 7.5). The option name is XLA:CPU's; GPU backends schedule with a memory limit already.
+    """
+    if platform != "cpu":
+        return {}
+    opts = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+    return opts if _accepted(tuple(opts.items())) else {}
+
+
+@functools.lru_cache(maxsize=None)
+def _accepted(opts: tuple) -> bool:
+    """Whether this jaxlib's XLA:CPU knows the options (an unknown one fails every compile)."""
+    try:
+        jax.jit(lambda a: a + 1, compiler_options=dict(opts)).lower(np.float32(0)).compile()
+        return True
+    except Exception:     # noqa: BLE001 -- any rejection means: schedule as XLA does by default
+        return False
 
 
 class StageStep:
@@ -219,13 +271,14 @@ class StageStep:
             def f(params, x):
                 return f_compute(jax.tree.map(lambda a: a.astype(cdt), params), x)
         ps, rep, inp = self.param_shardings, self.replicated, self.input_sharding
-        self.infer = jax.jit(f, in_shardings=(ps, inp), out_shardings=None if kind.head else self.hidden_sharding)
+        jit = functools.partial(jax.jit, compiler_options=compiler_options(self.devices[0].platform) or None)
+        self.infer = jit(f, in_shardings=(ps, inp), out_shardings=None if kind.head else self.hidden_sharding)
         pieces = train_pieces(kind, remat, self.compute_dtype)
 
         if kind.head:
             def fwd(params, x, targets):
                 return token_loss(f(params, x), targets)
-            self.fwd = jax.jit(fwd, in_shardings=(ps, inp, self.rows_sharding), out_shardings=(rep, rep))
+            self.fwd = jit(fwd, in_shardings=(ps, inp, self.rows_sharding), out_shardings=(rep, rep))
 
             body, head = pieces[:-1], pieces[-1]
 
@@ -237,26 +290,28 @@ class StageStep:
                     return loss * inv_tokens, (loss, count)
                 hp = {k: params[k] for k in head[0]}
                 (_, (loss, count)), (g, cot) = jax.value_and_grad(scaled, argnums=(0, 1), has_aux=True)(hp, h)
-                g_body, dx = chain_backward(body, params, x, stash, cot)
-                for k, v in g.items():     # a tied embedding has a gradient from both ends
-                    g_body[k] = jax.tree.map(jnp.add, g_body[k], v) if k in g_body else v
-                acc = {k: jax.tree.map(jnp.add, acc[k], g_body[k]) for k in acc}
+                # a tied embedding has a gradient from both ends: the head's joins the embedding piece's
+                shared = {k: v for k, v in g.items() if any(k in keys for keys, _ in body)}
+                acc = dict(acc, **{k: jax.tree.map(jnp.add, acc[k], v) for k, v in g.items() if k not in shared})
+                # the body's backward waits for the head's gradients and loss, so the logits can go first
+                done = [acc[k] for k in g if k not in shared] + [loss]
+                acc, dx = chain_backward(body, params, x, stash, after(cot, done), acc, shared)
                 return acc, None if kind.embed else dx, loss, count
             out = (ps, None if kind.embed else self.hidden_sharding, rep, rep)
-            self.bwd = jax.jit(bwd, donate_argnums=(4,), in_shardings=(ps, inp, self.rows_sharding, rep, ps),
-                               out_shardings=out)
+            self.bwd = jit(bwd, donate_argnums=(4,), in_shardings=(ps, inp, self.rows_sharding, rep, ps),
+                           out_shardings=out)
         else:
             # the stash keeps whatever layout XLA gives each residual (None: unconstrained)
-            self.fwd = jax.jit(lambda params, x: chain_forward(pieces, params, x), in_shardings=(ps, inp),
-                               out_shardings=(self.hidden_sharding, None))
+            self.fwd = jit(lambda params, x: chain_forward(pieces, params, x), in_shardings=(ps, inp),
+                           out_shardings=(self.hidden_sharding, None))
 
             def bwd(params, stash, cot, acc):
                 x = jnp.zeros(cot.shape[:2], jnp.int32) if kind.embed else jnp.zeros(cot.shape, cot.dtype)
-                g, dx = chain_backward(pieces, params, x, stash, cot)
-                return {k: jax.tree.map(jnp.add, acc[k], g[k]) for k in acc}, None if kind.embed else dx
+                acc, dx = chain_backward(pieces, params, x, stash, cot, acc)
+                return acc, None if kind.embed else dx
             out = (ps, None if kind.embed else self.hidden_sharding)
-            self.bwd = jax.jit(bwd, donate_argnums=(3,), in_shardings=(ps, None, self.hidden_sharding, ps),
-                               out_shardings=out)
+            self.bwd = jit(bwd, donate_argnums=(3,), in_shardings=(ps, None, self.hidden_sharding, ps),
+                           out_shardings=out)
 
         shapes = self.abstract_params
         self.zeros = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes),

@@ -14,7 +14,7 @@
    hexgen-8gpu, hexgen-full and synthetic-320 (goals 1 s, 10 s, 60 s), each run
    stopped after ``--train-limit-s``.
 6. Training, asymmetric gain for Llama-2-13B and 7B on hexgen-8gpu, hexgen-full and
-   hexiscale-mix (and 13B at sequence length 512, where it fits hexiscale-mix;
+   hexiscale-mix (and 13B at sequence length 2048, where it fits hexiscale-mix;
    ``--train-gain`` for this section alone): the best plan against constrained
    searches, (a) every replica the same layout and (b) symmetric (dp 1, one
    tp, even split).
@@ -299,9 +299,9 @@ def main() -> None:
                                ["hexgen-8gpu", "hexgen-full", "synthetic-320"], twl, args.train_limit_s)
         for m in ("llama-2-13b", "llama-2-7b"):
             train_asymmetric_gain(["hexgen-8gpu", "hexgen-full", "hexiscale-mix"], m, twl)
-        # 13B fits hexiscale-mix at shorter sequences only (the README's example workload)
+        # 13B fits hexiscale-mix up to seq 2048 only
         train_asymmetric_gain(["hexgen-8gpu", "hexgen-full", "hexiscale-mix"], "llama-2-13b",
-                              dataclasses.replace(twl, seq_len=512))
+                              dataclasses.replace(twl, seq_len=2048))
         return
     models = ["llama-2-70b"] if args.quick else ["llama-2-70b", "llama-3-70b"]
     search_times(models, ["hexgen-8gpu", "hexgen-full", "synthetic-320"], Workload(512, 128, 16))
@@ -316,7 +316,7 @@ def main() -> None:
     for m in ("llama-2-13b", "llama-2-7b"):
         train_asymmetric_gain(["hexgen-8gpu", "hexgen-full", "hexiscale-mix"], m, twl)
     train_asymmetric_gain(["hexgen-8gpu", "hexgen-full", "hexiscale-mix"], "llama-2-13b",
-                          dataclasses.replace(twl, seq_len=512))
+                          dataclasses.replace(twl, seq_len=2048))
 
 
 if __name__ == "__main__":

@@ -713,38 +713,70 @@ def _sync_bound_any_cluster(cluster, n: int, unit_bytes: list[float]) -> float:
     return sum(_least_group_s(cluster, caps, nbytes, n) for nbytes in unit_bytes)
 
 
+class _Program:
+    """A mixed-integer program built row by row for scipy's ``milp``: the first variables given (upper
+    bounds, integrality, weight in the step time), more added by ``var``, rows by ``row``."""
+
+    def __init__(self, upper: list[float], integer: list[int], weight: list[float]):
+        self.ub, self.integer, self.weight = list(upper), list(integer), list(weight)
+        self.ri: list[int] = []
+        self.ci: list[int] = []
+        self.vals: list[float] = []
+        self.lo: list[float] = []
+        self.hi: list[float] = []
+
+    def var(self, upper: float, is_int: int, weight: float = 0.0) -> int:
+        self.ub.append(upper)
+        self.integer.append(is_int)
+        self.weight.append(weight)
+        return len(self.ub) - 1
+
+    def row(self, entries, low: float, high: float) -> None:
+        r = len(self.lo)
+        for j, v in entries:
+            self.ri.append(r)
+            self.ci.append(j)
+            self.vals.append(v)
+        self.lo.append(low)
+        self.hi.append(high)
+
+    def solve(self, prices: list[float], budget: float | None, price_cap: float | None, time_cap: float | None,
+              minimise: str):
+        """scipy's result, with the price caps on the first ``len(prices)`` variables and the time cap on the
+        weighted ones; minimising the step time (``minimise == "time"``) or the price."""
+        from scipy.optimize import Bounds, LinearConstraint
+        from scipy.sparse import coo_matrix
+
+        from hexjax.search.milp import milp
+
+        N = len(self.ub)
+        for cap in (budget, price_cap):
+            if cap is not None:
+                self.row(list(enumerate(prices)), -np.inf, cap)
+        if time_cap is not None:
+            self.row([(j, w) for j, w in enumerate(self.weight) if w], -np.inf, time_cap)
+        c = np.zeros(N)
+        if minimise == "time":
+            c[:] = self.weight
+        else:
+            c[:len(prices)] = prices
+        A = coo_matrix((self.vals, (self.ri, self.ci)), shape=(len(self.lo), N)).tocsr()
+        return milp(c, constraints=[LinearConstraint(A, self.lo, self.hi)], integrality=np.array(self.integer),
+                    bounds=Bounds(np.zeros(N), np.array(self.ub)),
+                    options={"mip_rel_gap": 0.0, "presolve": True, "time_limit": PROGRAM_TIME_LIMIT_S})
+
+
 def _solve_hosts(cols: list[_Column], cluster, n: int, batch: int, unit_bytes: list[float], budget: float | None,
                  price_cap: float | None, time_cap: float | None, minimise: str):
     """The integer program over copies on concrete hosts (see the module docstring): ``({column: copies},
     objective value)`` or None."""
-    from scipy.optimize import Bounds, LinearConstraint
-    from scipy.sparse import coo_matrix
-
-    from hexjax.search.milp import milp
-
     C = len(cols)
     if C == 0:
         return None
     # variables: z (copies) C, y (column used) C, t (slowest replica) 1, then per sync segment s (its
     # all-reduce time) and per host holding it x (holds some member) and d (holds two or more)
-    ri, ci, vals, lo, hi = [], [], [], [], []
-    ub, integer, step_cost = [0.0] * C + [1.0] * C + [0.0], [1] * (2 * C) + [0], [0.0] * (2 * C) + [1.0]
-    T = 2 * C
-
-    def var(upper, is_int, weight=0.0):
-        ub.append(upper)
-        integer.append(is_int)
-        step_cost.append(weight)
-        return len(ub) - 1
-
-    def row(entries, low, high):
-        r = len(lo)
-        for j, v in entries:
-            ri.append(r)
-            ci.append(j)
-            vals.append(v)
-        lo.append(low)
-        hi.append(high)
+    prog = _Program([0.0] * C + [1.0] * C + [0.0], [1] * (2 * C) + [0], [0.0] * (2 * C) + [1.0])
+    var, row, ub, T = prog.var, prog.row, prog.ub, 2 * C
 
     row([(j, 1) for j in range(C)], n, n)
     row([(j, cols[j].rows) for j in range(C)], batch, batch)
@@ -777,21 +809,7 @@ def _solve_hosts(cols: list[_Column], cluster, n: int, batch: int, unit_bytes: l
                 for b in hosts[i + 1:]:                            # members on a and b: their link
                     c_ab = train_cost.link_allreduce_s(cluster, a, b, nbytes, n)
                     row([(x[a], c_ab), (x[b], c_ab), (s, -1)], -np.inf, c_ab)
-    N = len(ub)
-    for cap in (budget, price_cap):
-        if cap is not None:
-            row([(j, cols[j].price) for j in range(C)], -np.inf, cap)
-    if time_cap is not None:
-        row([(j, w) for j, w in enumerate(step_cost) if w], -np.inf, time_cap)
-    c = np.zeros(N)
-    if minimise == "time":
-        c[:] = step_cost
-    else:
-        c[:C] = [col.price for col in cols]
-    A = coo_matrix((vals, (ri, ci)), shape=(len(lo), N)).tocsr()
-    res = milp(c, constraints=[LinearConstraint(A, lo, hi)], integrality=np.array(integer),
-               bounds=Bounds(np.zeros(N), np.array(ub)),
-               options={"mip_rel_gap": 0.0, "presolve": True, "time_limit": PROGRAM_TIME_LIMIT_S})
+    res = prog.solve([col.price for col in cols], budget, price_cap, time_cap, minimise)
     if res.status == 1:                 # out of time: its best solution, if any, is not proven optimal
         _unproven[0] += 1
     if res.status not in (0, 1) or res.x is None:
@@ -814,11 +832,6 @@ def _solve_classes(cols: list[_Column], sym: Symmetry, cluster, n: int, batch: i
     host in the class, its own link. Otherwise two or more members cost at least the cheaper of the two
     links (whether they share a host depends on the packing, which the class program does not see).
     Devices: each class's total, and at most ``q`` pieces larger than ``1 / (q + 1)`` of a host per host."""
-    from scipy.optimize import Bounds, LinearConstraint
-    from scipy.sparse import coo_matrix
-
-    from hexjax.search.milp import milp
-
     cands: dict = {}
     for c in cols:
         cands.setdefault(c.cand, c)
@@ -826,24 +839,8 @@ def _solve_classes(cols: list[_Column], sym: Symmetry, cluster, n: int, batch: i
     K = len(reps)
     if K == 0:
         return None
-    ri, ci, vals, lo, hi = [], [], [], [], []
-    ub, integer, step_cost = [float(n)] * K + [1.0] * K + [0.0], [1] * (2 * K) + [0], [0.0] * (2 * K) + [1.0]
-    T = 2 * K
-
-    def var(upper, is_int, weight=0.0):
-        ub.append(upper)
-        integer.append(is_int)
-        step_cost.append(weight)
-        return len(ub) - 1
-
-    def row(entries, low, high):
-        r = len(lo)
-        for j, v in entries:
-            ri.append(r)
-            ci.append(j)
-            vals.append(v)
-        lo.append(low)
-        hi.append(high)
+    prog = _Program([float(n)] * K + [1.0] * K + [0.0], [1] * (2 * K) + [0], [0.0] * (2 * K) + [1.0])
+    var, row, ub, T = prog.var, prog.row, prog.ub, 2 * K
 
     row([(j, 1) for j in range(K)], n, n)
     row([(j, reps[j].rows) for j in range(K)], batch, batch)
@@ -901,21 +898,7 @@ def _solve_classes(cols: list[_Column], sym: Symmetry, cluster, n: int, batch: i
                     row([(g, between[k]), (s, -1)], -np.inf, 0)
             for (a, b), c_ab in pair.items():
                 row([(x[a], c_ab), (x[b], c_ab), (s, -1)], -np.inf, c_ab)
-    N = len(ub)
-    for cap in (budget, price_cap):
-        if cap is not None:
-            row([(j, reps[j].price) for j in range(K)], -np.inf, cap)
-    if time_cap is not None:
-        row([(j, w) for j, w in enumerate(step_cost) if w], -np.inf, time_cap)
-    c = np.zeros(N)
-    if minimise == "time":
-        c[:] = step_cost
-    else:
-        c[:K] = [col.price for col in reps]
-    A = coo_matrix((vals, (ri, ci)), shape=(len(lo), N)).tocsr()
-    res = milp(c, constraints=[LinearConstraint(A, lo, hi)], integrality=np.array(integer),
-               bounds=Bounds(np.zeros(N), np.array(ub)),
-               options={"mip_rel_gap": 0.0, "presolve": True, "time_limit": PROGRAM_TIME_LIMIT_S})
+    res = prog.solve([col.price for col in reps], budget, price_cap, time_cap, minimise)
     if res.status == 1:
         return "unknown"
     if res.status != 0 or res.x is None:

@@ -162,10 +162,11 @@ def _metric(server, name):
     return float(m.group(1)) if m else None
 
 
-def test_load_tiny_pool_preempts(server, client, pool):
-    """1,000 requests from 16 clients through pools too small for the load: preemptions, nothing lost."""
+@pytest.mark.parametrize("num_requests", [250, pytest.param(1000, marks=pytest.mark.slow)])
+def test_load_tiny_pool_preempts(server, client, pool, num_requests):
+    """Many requests from 16 clients through pools too small for the load: preemptions, nothing lost."""
     before = _metric(server, "hexjax_num_preemptions_total")
-    _load(client, pool, 1000, 16)
+    _load(client, pool, num_requests, 16)
     assert _metric(server, "hexjax_num_preemptions_total") > before
     text = httpx.get(server.url + "/metrics").text
     for name in ("hexjax_time_to_first_token_seconds_count", "hexjax_inter_token_latency_seconds_count",

@@ -2,9 +2,11 @@
 
 Calibrates the local device (``hexjax.calibrate``: matmuls, streaming reads, decoder layers of the model,
 program launch), then times whole-model generation through the runtime's jitted prefill and decode loop
-(random weights) and prints, per shape, measured vs predicted prefill and decode step with the error of the
-datasheet-constant model (the device's calibrated peaks, without the profile's efficiencies) and of the
-calibrated one.
+(random weights; the shapes in turns, the fastest run of each counting) and prints, per shape, measured
+vs predicted prefill and decode step with the error of the datasheet-constant model (the device's
+calibrated peaks, without the profile's efficiencies) and of the calibrated one. With ``--rounds``,
+calibration and measurement alternate, each keeping its best figures; the calibration never sees the
+generation runs.
 
     python benchmarks/calibration.py [--model llama-125m] [--quick] [--repeats 5] [--rounds 3] [--shapes 1x96x24,4x64x16]
 """
@@ -29,21 +31,23 @@ def main() -> None:
 
     import jax
 
-    from hexjax.calibrate import FULL, QUICK, calibrate, measure_generation, predict_generation
+    from hexjax.calibrate import FULL, QUICK, calibrate, generation_timer, predict_generation
     from hexjax.models.config import ModelConfig
 
     cfg = ModelConfig.preset(args.model)
     t0 = time.perf_counter()
     shapes = dataclasses.replace(QUICK if args.quick else FULL, repeats=args.repeats)
     runs = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
-    cal, measured = None, {}
+    timers = {shape: generation_timer(cfg, *shape) for shape in runs}
+    cal, measured, loads = None, {shape: (float("inf"), float("inf")) for shape in runs}, []
     for _ in range(args.rounds):
-        c = calibrate(args.quick, model=cfg, shapes=shapes)
+        c = calibrate(args.quick, model=cfg, shapes=shapes, serving=False)   # single-device figures only
         cal = c if cal is None else cal.best_of(c)
-        for b, s, n in runs:
-            m = measure_generation(cfg, b, s, n, repeats=args.repeats)
-            old = measured.get((b, s, n), (float("inf"), float("inf")))
-            measured[(b, s, n)] = (min(old[0], m[0]), min(old[1], m[1]))
+        for _ in range(args.repeats):     # the shapes in turns: each meets the quieter moments as often
+            for shape, run in timers.items():
+                m, old = run(), measured[shape]
+                measured[shape] = (min(old[0], m[0]), min(old[1], m[1]))
+        loads.append(os.getloadavg()[0])
     spec = cal.device_spec()
     plain = dataclasses.replace(spec, profile=None)
     print(f"{jax.devices()[0].device_kind}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
@@ -60,7 +64,7 @@ def main() -> None:
             m, p0, p1 = meas[k], before[k], after[k]
             print(f"{shape:>12s} {phase:>8s} {m * 1e3:8.2f}ms {p0 * 1e3:8.2f}ms {p0 / m - 1:+6.0%} "
                   f"{p1 * 1e3:8.2f}ms {p1 / m - 1:+6.0%}")
-    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    print("load average after each round: " + ", ".join(f"{x:.1f}" for x in loads))
 
 
 if __name__ == "__main__":

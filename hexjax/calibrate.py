@@ -7,8 +7,10 @@ the all-reduce, on every local device):
 - memory read bandwidth (an XLA reduction over a large array);
 - the launch of a trivial program (the fixed cost of one program step);
 - decoder layers of the project's own :class:`hexjax.models.llama.LlamaStage`,
-  prefill and decode, at a few shapes of the chosen model (a few layers per
-  program, the launch taken off, per layer);
+  prefill and decode, at a few shapes of the chosen model (prefill: a few
+  layers per program, the launch taken off, per layer; decode: a loop of decode
+  steps over ``2 stack`` layers, per step and layer, so a program's launch is
+  spread over many layers as in the generation loop);
 - an all-reduce (``psum`` under ``shard_map``) over the local devices at two sizes;
 - host to device and device to host copies;
 - copies of a stage's activations to another stage's devices (two meshes of
@@ -33,14 +35,17 @@ the local devices) and a profile other cluster files include with
 How the figures become the profile:
 
 - ``tflops`` is the best matmul rate measured (any dtype, any size);
-- ``memory_bandwidth_GBps`` is the measured read rate (memory efficiency 1);
+- ``memory_bandwidth_GBps`` is the faster of the measured read rate and the
+  rate at which the decode layer runs read their weights and cache (memory
+  efficiency 1): on a shared machine even the streaming benchmark's fastest
+  run may have been disturbed, and a decode step is a streaming read too;
 - ``step_overhead_us`` is the launch time, added once per stage and step;
 - the efficiency curve of each dtype comes from the decoder-layer runs: at a
   run's matmul rows (``batch x tokens``) it is the efficiency that makes the
   cost model's ``max(FLOPs / rate, bytes / bandwidth)`` of that layer equal
-  the measured time. Where the byte bound alone already exceeds the measured
-  time (reads faster than the streaming benchmark), the point is left out;
-  the measured time then sits below the prediction and the report says so.
+  the measured time. Where the byte bound alone already reaches the measured
+  time (the run that set the read rate), the point is left out: the byte
+  bound reproduces that run.
   So the curve carries everything a real layer does beyond its matmuls
   (norms, rotary embedding, softmax, dispatch) as a lower efficiency;
 - the all-reduce fit ``t = 2 (n - 1) α + 2 (n - 1) / n * bytes / β`` gives the
@@ -107,7 +112,8 @@ class Shapes:
     repeats: int
     """Timed runs per benchmark (the fastest counts)."""
     stack: int
-    """Decoder layers per timed program (the launch time is measured apart and taken off)."""
+    """Decoder layers per timed prefill program (the launch time is measured apart and taken off); the
+    decode loops run twice as many."""
     serving_rows: tuple[int, ...] = (1, 4)
     """Rows decoding in the serving engine's timed steps."""
     serving_steps: int = 40
@@ -252,9 +258,16 @@ class Calibration:
         row = max((h1 - h0) / (r1 - r0), 0.0) if r1 > r0 else 0.0
         return max(h0 - r0 * row, 0.0), row
 
+    def stream_Bps(self) -> float:
+        """The device's read rate: the faster of the streaming benchmark and the rate at which the decode
+        layer runs read their weights and cache (a decode step is a streaming read too, and on a shared
+        machine the benchmark's fastest run may still have been disturbed)."""
+        runs = [r.bytes / r.seconds for r in self.layers if r.phase == "decode" and r.seconds > 0]
+        return max([self.read_Bps, *runs])
+
     def efficiency_points(self, dtype: str) -> list[tuple[int, float]]:
         """The curve of ``dtype``: per layer run, the efficiency that reproduces its measured time."""
-        peak, bw = self.peak_flops, self.read_Bps
+        peak, bw = self.peak_flops, self.stream_Bps()
         best: dict[int, float] = {}
         for run in self.layers:
             if run.dtype != dtype:
@@ -327,7 +340,7 @@ class Calibration:
         return self._spec(self.profile())
 
     def _spec(self, profile: DeviceProfile) -> DeviceSpec:
-        return DeviceSpec(self.name, self.memory_bytes, self.peak_flops, self.read_Bps, self.link()[0],
+        return DeviceSpec(self.name, self.memory_bytes, self.peak_flops, self.stream_Bps(), self.link()[0],
                           self.price_per_hour, self.platform if self.platform in ("gpu", "tpu") else "cpu", profile)
 
     def best_of(self, other: "Calibration") -> "Calibration":
@@ -459,13 +472,17 @@ def measure_read(device, nbytes: int, repeats: int) -> float:
     import jax.numpy as jnp
     x = jax.device_put(jnp.ones((nbytes // 4,), jnp.float32), device)
     total = jax.jit(jnp.sum)
-    repeats = max(repeats, 8)   # cheap, and the fastest of many is the least disturbed by other work
-    best = best_time_s(lambda: _block(total(x)), repeats)
     k = 1024
     w = x.reshape(k, -1)
     v = jax.device_put(jnp.ones((1, k), jnp.float32), device)
     gemv = jax.jit(lambda v, w: v @ w)
-    best = min(best, best_time_s(lambda: _block(gemv(v, w)), repeats))
+    _block((total(x), gemv(v, w)))
+    best = math.inf
+    for _ in range(max(repeats, READ_REPEATS)):   # cheap, and the fastest of many is the least disturbed
+        for f in (lambda: total(x), lambda: gemv(v, w)):
+            t0 = time.perf_counter()
+            _block(f())
+            best = min(best, time.perf_counter() - t0)
     return nbytes / best
 
 
@@ -729,11 +746,61 @@ def measure_serving_host(device_index: int = 0, rows: tuple[int, ...] = (1, 4),
     return tuple(out)
 
 
+DECODE_LOOP_S = 0.02
+"""Rough length of one timed decode loop (at least two steps): short enough that the fastest of many runs
+finds a shared machine's cores free for all of it."""
+
+DECODE_REPEATS, PREFILL_REPEATS, READ_REPEATS = 24, 6, 12
+"""Least timed runs of a decode loop, a prefill program and a streaming read: each is short, and the more
+runs, the likelier the fastest one ran undisturbed on a shared machine."""
+
+
+def decode_layer_s(cfg: ModelConfig, device, dt, batch: int, length: int, repeats: int, stack: int,
+                   loop_s: float = DECODE_LOOP_S) -> float:
+    """Seconds of one decoder layer's decode step inside a decode loop: the model's stage code of
+    ``2 stack`` layers (as many as the model has) run as one program of decode steps (a ``lax.fori_loop``,
+    the cache updated in place, each step's output the next one's input), as the generation loop runs
+    them; the fastest of ``repeats`` (at least ``DECODE_REPEATS``) runs, per step and layer.
+
+    Inside a loop a program's launch is spread over its steps and a step has no fixed cost to speak of:
+    on a 2-core CPU (llama-125m, 1 and 4 rows, fastest of 24 runs) two- and four-layer loops gave the same
+    time per layer within 6%, so their difference (what the layers alone cost) equals either; on a loaded
+    machine a difference doubles the noise of two runs, so the larger loop alone counts. Each step re-reads
+    its layers' weights: ``2 stack`` layers should outgrow the CPU's caches as the whole model does (four
+    layers of llama-125m do)."""
+    import jax
+    import jax.numpy as jnp
+    from hexjax.models.llama import LlamaStage, init_cache, init_params
+    k = min(2 * stack, cfg.num_layers)
+    pos = jax.device_put(jnp.full((batch, 1), length - 1, jnp.int32), device)
+    x = jax.device_put(jnp.ones((batch, 1, cfg.hidden_size), dt) * 0.01, device)
+    stage = LlamaStage(cfg, 0, k, embed=False, head=False, dtype=dt, param_dtype=dt)
+    params = jax.device_put(init_params(stage, 0), device)
+
+    def loop(p, x, c, steps):
+        def body(_, carry):
+            y, c = stage.apply({"params": p}, carry[0], pos, carry[1])
+            return y * 0.5, c               # keeps the residual stream bounded over many steps
+        return jax.lax.fori_loop(0, steps, body, (x, c))
+    f = jax.jit(loop, donate_argnums=2)
+    cache = [jax.device_put(init_cache(cfg, batch, length, k, dtype=dt), device)]
+
+    def run(steps: int) -> None:
+        y, cache[0] = f(params, x, cache[0], steps)
+        _block(y)
+    run(2)                                  # compiles
+    t0 = time.perf_counter()
+    run(4)
+    steps = max(2, min(64, round(loop_s * 4 / max(time.perf_counter() - t0, 1e-6))))
+    return best_time_s(lambda: run(steps), max(repeats, DECODE_REPEATS)) / (steps * k)
+
+
 def measure_layer(cfg: ModelConfig, device, dtype: str, phase: str, batch: int, length: int,
                   repeats: int, stack: int = 1, launch_s: float = 0.0) -> LayerRun:
-    """A decoder layer of ``cfg`` (the model's own stage code, ``stack`` layers in one program, the
-    launch time ``launch_s`` taken off), a prefill of ``length`` tokens or a decode step over a cache of
-    ``length`` positions, with the cost model's FLOPs and bytes of one layer."""
+    """A decoder layer of ``cfg`` with the cost model's FLOPs and bytes of one layer: a prefill of
+    ``length`` tokens (the model's own stage code, ``stack`` layers in one program, the launch time
+    ``launch_s`` taken off) or a decode step over a cache of ``length`` positions (:func:`decode_layer_s`:
+    inside a loop of steps over ``2 stack`` layers)."""
     import jax
     import jax.numpy as jnp
     from hexjax.models.llama import LlamaStage, init_cache, init_params
@@ -747,11 +814,15 @@ def measure_layer(cfg: ModelConfig, device, dtype: str, phase: str, batch: int, 
         pos = jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32), (batch, tokens))
     else:
         pos = jnp.full((batch, 1), length - 1, jnp.int32)
-    cache = init_cache(cfg, batch, length, stack, dtype=dt)
-    params = init_params(stage, 0)
-    x, pos, cache, params = jax.device_put((x, pos, cache, params), device)
-    f = jax.jit(lambda p, x, pos, c: stage.apply({"params": p}, x, pos, c))
-    seconds = max(best_time_s(lambda: _block(f(params, x, pos, cache)), repeats) - launch_s, 0.0) / stack
+    if phase == "prefill":
+        cache = init_cache(cfg, batch, length, stack, dtype=dt)
+        params = init_params(stage, 0)
+        x, pos, cache, params = jax.device_put((x, pos, cache, params), device)
+        f = jax.jit(lambda p, x, pos, c: stage.apply({"params": p}, x, pos, c))
+        seconds = max(best_time_s(lambda: _block(f(params, x, pos, cache)), max(repeats, PREFILL_REPEATS))
+                      - launch_s, 0.0) / stack
+    else:
+        seconds = decode_layer_s(cfg, device, dt, batch, length, repeats, stack)
     e = DTYPES[dtype]
     wl = Workload(prompt_len=tokens if phase == "prefill" else max(length - 1, 1), output_len=2, batch=batch)
     fig = cost.stage_figures(cfg, 1, 1, 1, False, False, 1, batch, wl, e,
@@ -836,11 +907,12 @@ def calibrate(quick: bool = False, *, model: str | ModelConfig = "llama-125m", d
                        collectives, stages, chains, cfg)
 
 
-def measure_generation(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, dtype: str = "float32",
-                       repeats: int = 3, device=None) -> tuple[float, float]:
-    """``(prefill s, decode step s)`` of single-device generation (:mod:`hexjax.models.generate`'s jitted
-    programs, random weights): the fastest prefill of ``batch`` prompts of ``prompt_len`` tokens, and the
-    fastest decode loop of ``new_tokens`` tokens divided by its ``new_tokens - 1`` steps."""
+def generation_timer(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, dtype: str = "float32",
+                     device=None) -> Callable[[], tuple[float, float]]:
+    """A function that runs single-device generation once (:mod:`hexjax.models.generate`'s jitted programs,
+    random weights, compiled here) and returns ``(prefill s, decode step s)``: the prefill of ``batch``
+    prompts of ``prompt_len`` tokens, and the decode loop of ``new_tokens`` tokens divided by its
+    ``new_tokens - 1`` steps."""
     import jax
     import jax.numpy as jnp
     from hexjax.models.generate import pad_prompts, programs
@@ -855,8 +927,8 @@ def measure_generation(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens
     toks, lengths = pad_prompts(prompts)
     toks, lengths = jax.device_put((jnp.asarray(toks), jnp.asarray(lengths)), device)
     prog = programs(cfg, Sampling(), dt, None)
-    best_p = best_d = math.inf
-    for k in range(repeats + 1):           # the first round compiles
+
+    def run() -> tuple[float, float]:
         cache = jax.device_put(init_cache(cfg, batch, toks.shape[1] + new_tokens, dtype=dt), device)
         _block(cache)
         t0 = time.perf_counter()
@@ -865,10 +937,18 @@ def measure_generation(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens
         t1 = time.perf_counter()
         out, _, cache = prog.decode(params, first, lengths, cache, new_tokens)
         _block(out)
-        t2 = time.perf_counter()
-        if k:
-            best_p, best_d = min(best_p, t1 - t0), min(best_d, (t2 - t1) / (new_tokens - 1))
-    return best_p, best_d
+        return t1 - t0, (time.perf_counter() - t1) / (new_tokens - 1)
+    run()                                  # compiles
+    return run
+
+
+def measure_generation(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, dtype: str = "float32",
+                       repeats: int = 3, device=None) -> tuple[float, float]:
+    """``(prefill s, decode step s)`` of single-device generation (:func:`generation_timer`): the fastest
+    prefill and the fastest decode loop's step of ``repeats`` runs."""
+    run = generation_timer(cfg, batch, prompt_len, new_tokens, dtype, device)
+    times = [run() for _ in range(repeats)]
+    return min(p for p, _ in times), min(d for _, d in times)
 
 
 def predict_generation(cfg: ModelConfig, device: DeviceSpec, batch: int, prompt_len: int, new_tokens: int,
@@ -895,5 +975,4 @@ def load_profile(path) -> dict[str, DeviceSpec]:
 
 
 __all__ = ["calibrate", "Calibration", "LayerRun", "StageRun", "Shapes", "FULL", "QUICK", "load_profile",
-           "measure_generation",
-           "predict_generation"]
+           "generation_timer", "measure_generation", "predict_generation"]

@@ -18,8 +18,10 @@ Values come from :mod:`hexjax.search.train_cost`:
    prefill as ``f``: an additive DP for ``M = 1``, for ``M > 1`` bounds from
    DPs and an exact branch and bound). Only what could be in a plan better
    than the best one found so far (value ``U``) is computed: a replica is
-   at most ``U`` alone (``M b = B``) and ``U`` less the least sync of two
-   replicas beside others (for ``cost``, ``U`` over its price). ``U`` comes
+   at most ``U`` alone (``M b = B``) and ``U`` less the least sync beside
+   others (for ``cost``, ``U`` over its price): each of its units waits at
+   least for the link to the nearest host another replica could use, per
+   piece of the footprint. ``U`` comes
    from one-replica plans as they appear (``M = B`` first) and from the
    integer programs over the shorter pipelines, searched first. A bound
    computed for all footprints at once (each piece's least work per layer
@@ -28,7 +30,10 @@ Values come from :mod:`hexjax.search.train_cost`:
    skips ``(M, b)`` it cannot beat, and, being monotone in ``b``, ends the
    shares of a footprint at the first ``b`` whose bound reaches the limit.
    Candidates with a smaller footprint and no larger ``T`` at the same
-   ``(M, b)`` make larger ones redundant and are dropped.
+   ``(M, b)`` make larger ones redundant and are dropped; so a footprint's
+   search is told to beat the ones found on footprints that fit into it
+   (those whose least sync is no larger: the final limits keep them
+   whenever they keep it), and finds the same candidates sooner.
 2. Plans. For every ``M`` and every replica count ``n``, an integer program
    over copies of each candidate on concrete hosts: exactly ``n`` copies,
    shares summing to the batch, devices of each host. For ``n > 1`` it also
@@ -50,14 +55,16 @@ Values come from :mod:`hexjax.search.train_cost`:
    exact value meets the bound it is the program's optimum. Otherwise the
    program over every column decides, told to beat the placed plan.
    Before the exact programs, small ones over each share's few fastest
-   candidates give a first value to cut with. Programs
+   candidates, and the few whose ``n`` copies alone would sync least beside
+   their step, give a first value to cut with. Programs
    whose lower bound (least ``T`` of a replica that takes at least
    ``B / (M n)`` sequences, plus every unit's sync at the cheapest link a
    group of ``n`` of the columns' copies could have) cannot beat the best
    so far are skipped, ``n`` stops where ``n``
    copies of the training state exceed the cluster's memory, and a program
    leaves out the columns that could not improve on the best value (a
-   replica slower than it less the least sync of ``n`` copies, or one
+   replica slower than it less the least sync of ``n`` copies, or of ``n``
+   copies one of which keeps each unit where that column does, or one
    taking more sequences than the other ``n - 1`` leave); one whose class
    program without sync (the least slowest replica of any packing) plus
    that least sync cannot beat it is skipped.
@@ -84,8 +91,11 @@ optimal over every split too.
 of that many pieces exceed ``WORK_PER_DEVICE`` per device (hexgen-full keeps
 4, synthetic-320 gets 2), and raised, whatever the count, to the fewest
 hosts whose memory holds the training state and whose stages can hold every
-layer with its activations (:func:`fewest_hosts`); the plan records the
-value used.
+layer with its activations (:func:`fewest_hosts`), then one more at a time
+while no plan is found and the replicas that fit cannot take the global batch
+between them (:func:`most_rows`: pipelines that short hold the state but only
+small shares beside 1F1B's stash, as for Llama-2-70B on hexgen-full); the plan
+records the value used.
 """
 
 from __future__ import annotations
@@ -440,15 +450,38 @@ def candidates(cfg, cluster, wl: TrainWorkload, max_stages: int, sym: Symmetry, 
         levels[len(fp)].append(fp)
     Ms = sorted((M for M in wl.microbatches if B % M == 0), reverse=True)   # M = B: one share, a whole plan
     sync = train_cost.least_sync_s(cfg, wl, cluster, 2)     # at least this with two or more replicas
+    near = _nearest_member_s(cluster, sym, train_cost.grad_bytes_per_layer(cfg, wl))
+    L = cfg.num_layers
+    beside_sync: dict = {}
     incumbent = INF     # the objective's value of the best plan found so far
     found: list[TrainChoice] = []
     done = 0
 
-    def limits(p: float) -> tuple[float, float]:
-        """``T`` a replica of price ``p`` must stay below to be in a better plan: alone, and beside others."""
-        alone = incumbent if objective == "throughput" or p <= 0 else incumbent / p
-        return alone * (1 + 1e-9), (alone - sync) * (1 + 1e-9)
+    def least_beside(fp) -> float:
+        """The least sync of any plan of two or more replicas in which one has footprint ``fp``: each of its
+        units waits at least for the link to the nearest host another replica could use (every stage holds
+        a layer, the others on the cheapest; the embedding and the head on some stage)."""
+        got = beside_sync.get(fp)
+        if got is None:
+            m = sorted(near[piece] for piece in fp)
+            got = beside_sync[fp] = max(sync, sum(x[0] for x in m) + (L - len(fp)) * m[0][0]
+                                        + min(x[1] for x in m) + min(x[2] for x in m))
+        return got
 
+    def limits(fp) -> tuple[float, float]:
+        """``T`` a replica of footprint ``fp`` must stay below to be in a better plan: alone, and beside
+        others."""
+        p = price[fp]
+        alone = incumbent if objective == "throughput" or p <= 0 else incumbent / p
+        return alone * (1 + 1e-9), (alone - least_beside(fp)) * (1 + 1e-9)
+
+    offsets = np.cumsum([0] + [k.count for k in sym.classes])
+    G = {}
+    for fp in fps:
+        g = G[fp] = np.zeros(offsets[-1], dtype=np.int16)
+        for cls, u in fp:
+            g[offsets[cls]:offsets[cls] + u] += 1
+    smaller: dict = defaultdict(_Found)
     for P in sorted(levels):
         level = sorted(levels[P], key=lambda f: (sum(u for _, u in f), f))
         for lo in range(0, len(level), _CHUNK):
@@ -464,22 +497,27 @@ def candidates(cfg, cluster, wl: TrainWorkload, max_stages: int, sym: Symmetry, 
                 fp = chunk[i]
                 if progress is not None and (done + k) % 256 == 0:
                     progress(done + k, len(fps), "pipelines")
-                if first[i] >= limits(price[fp])[0]:
+                if first[i] >= limits(fp)[0]:
                     continue
                 for M in Ms:
                     nb = B // M
                     lb, lb_up = lbs[M][0][i], lbs[M][1][i]
                     for b in range(1, nb + 1):
-                        alone, beside = limits(price[fp])
+                        alone, beside = limits(fp)
                         if lb_up[b - 1] >= alone:   # so is every larger b
                             break
                         limit = alone if b == nb else beside
                         if lb[b - 1] >= limit:
                             continue
-                        got = search.best(fp, M, b, limit)
+                        # a pipeline no faster than one found on a footprint that fits into this one would be
+                        # dropped as redundant (_undominated); if that one's least sync is no larger, the final
+                        # limits drop this one whenever they drop that one: only a faster one is worth finding
+                        inside = smaller[(M, b)].least(G[fp], least_beside(fp))
+                        got = search.best(fp, M, b, min(limit, inside))
                         if got is None:
                             continue
                         found.append(got)
+                        smaller[(M, b)].add(G[fp], got.step_s, least_beside(fp))
                         if b == nb:             # one replica taking the whole batch is a plan
                             incumbent = min(incumbent, got.step_s * (1 if objective == "throughput" else price[fp]))
             done += len(chunk)
@@ -492,8 +530,47 @@ def candidates(cfg, cluster, wl: TrainWorkload, max_stages: int, sym: Symmetry, 
     if progress is not None:
         progress(len(fps), len(fps), "pipelines")
     # what the final limits leave (the plan that set them keeps its replicas: they are below them)
-    found = [g for g in found if g.step_s < limits(price[g.pipe.footprint])[g.microbatches * g.microbatch < B]]
+    found = [g for g in found if g.step_s < limits(g.pipe.footprint)[g.microbatches * g.microbatch < B]]
     return _undominated(found, sym), search.evaluated
+
+
+class _Found:
+    """Pipelines found for one ``(M, b)``: footprint (pieces of each class with more than ``t`` devices, as
+    in :func:`hexjax.search.packing.prune_dominated`), ``T`` and least sync beside other replicas."""
+
+    def __init__(self):
+        self.rows: list = []
+        self.arrays = (np.zeros((0, 0), dtype=np.int16), np.zeros(0), np.zeros(0))
+
+    def add(self, g: np.ndarray, step_s: float, sync: float) -> None:
+        self.rows.append((g, step_s, sync))
+
+    def least(self, g: np.ndarray, sync: float) -> float:
+        """The least ``T`` of a footprint that fits into ``g`` and whose least sync is at most ``sync``."""
+        if not self.rows:
+            return INF
+        if len(self.arrays[1]) != len(self.rows):
+            self.arrays = (np.stack([r[0] for r in self.rows]), np.array([r[1] for r in self.rows]),
+                           np.array([r[2] for r in self.rows]))
+        K, T, S = self.arrays
+        ok = (S <= sync) & np.all(K <= g, axis=1)
+        return float(T[ok].min()) if ok.any() else INF
+
+
+def _nearest_member_s(cluster, sym: Symmetry, unit_bytes: list[float]) -> dict:
+    """``{(class, devices): (layer, embedding, head)}``: the least all-reduce time of two members (a ring of
+    more is slower on every link) when one is a stage of that many devices on a host of the class: over the
+    links to every other host, and the host's own when devices are left on it for another stage."""
+    layer, emb, head = unit_bytes[0], unit_bytes[-2], unit_bytes[-1]
+    out = {}
+    for k in sym.classes:
+        h = k.hosts[0]
+        others = [g for g in range(cluster.num_hosts) if g != h]
+        for u in range(1, k.count + 1):
+            near = others + ([h] if k.count > u else [])
+            out[(k.index, u)] = tuple(min((train_cost.link_allreduce_s(cluster, h, g, nbytes, 2) for g in near),
+                                          default=INF) for nbytes in (layer, emb, head))
+    return out
 
 
 def _share_bound(fill, tau, path, hop, M: int):
@@ -702,6 +779,53 @@ def _sync_bound(cols: list[_Column], cluster, n: int, unit_bytes: list[float]) -
     for count, nbytes, holders, widths in _segments(cols, unit_bytes):
         total += count * _least_group_s(cluster, _caps(cluster, zip(holders.tolist(), widths.tolist())), nbytes, n)
     return total
+
+
+def _column_sync_bounds(cols: list[_Column], cluster, n: int, unit_bytes: list[float]) -> np.ndarray:
+    """Per column, a lower bound on the sync of any ``n`` copies of ``cols`` among which it is: each unit's
+    group has a member on the host where the column keeps the unit, so it is no cheaper than the least group
+    of ``n`` members around that host (:func:`_least_group_around`) on the hosts the columns use."""
+    table = np.array([c.units for c in cols], dtype=np.int64)
+    widths = np.array([c.widths for c in cols], dtype=np.int64)
+    least = np.full(cluster.num_hosts, np.iinfo(np.int64).max)
+    np.minimum.at(least, table.ravel(), widths.ravel())
+    used = np.flatnonzero(least < np.iinfo(np.int64).max)
+    caps = {int(h): cluster.hosts[h].count // int(least[h]) for h in used}
+    kinds = sorted(set(unit_bytes))
+    G = np.full((cluster.num_hosts, len(kinds)), INF)
+    for k, nbytes in enumerate(kinds):
+        G[used, k] = _least_group_around(cluster, caps, nbytes, n)
+    kind = np.array([kinds.index(b) for b in unit_bytes])
+    return G[table, kind[None, :]].sum(axis=1)
+
+
+def _least_group_around(cluster, caps: dict, nbytes: float, n: int) -> np.ndarray:
+    """Per host of ``caps`` (sorted), the least all-reduce time of ``n`` members, one of them on that host:
+    as :func:`_least_group_s`, the least link cost ``c`` at which the host's connected part holds ``n``."""
+    key = ("around", cluster, tuple(sorted(caps.items())), nbytes, n)
+    got = _group_cache.get(key)
+    if got is not None:
+        return got
+    from scipy.sparse.csgraph import connected_components
+
+    hosts = sorted(caps)
+    cap = np.array([caps[h] for h in hosts])
+    pair = np.array([[train_cost.link_allreduce_s(cluster, a, b, nbytes, n) for b in hosts] for a in hosts])
+    own = np.diag(pair).copy()
+    got = np.full(len(hosts), INF)
+    for c in np.unique(pair):
+        near = pair <= c
+        np.fill_diagonal(near, False)
+        parts, label = connected_components(near, directed=False)
+        members = np.where(own <= c, cap, np.minimum(cap, 1))
+        full = np.bincount(label, weights=members, minlength=parts)[label] >= n
+        got[full & ~np.isfinite(got)] = c
+        if np.isfinite(got).all():
+            break
+    if len(_group_cache) > 100_000:
+        _group_cache.clear()
+    _group_cache[key] = got
+    return got
 
 
 def _sync_bound_any_cluster(cluster, n: int, unit_bytes: list[float]) -> float:
@@ -1028,6 +1152,20 @@ def plan_train(model, cluster, wl: TrainWorkload, objective: str = "throughput",
         raise PlanError(infeasible_message(cfg, cluster, wl, max_stages, None))
     _unproven[0] = _bounded[0] = _by_classes[0] = _by_classes[1] = 0
     best = _combine(cands, sym, cfg, cluster, wl, objective, budget_per_hour, constraints)
+    # the replicas that fit may take too few sequences between them to make up the batch (1F1B's stash grows
+    # with M): longer pipelines spread the state over more hosts and leave room for larger shares
+    while (best is None and auto and max_stages < min(cluster.num_hosts, cfg.num_layers)
+           and most_rows(cands, cfg, cluster, wl) < wl.global_batch):
+        max_stages += 1
+        cands = every_split(cfg, cluster, wl, max_stages, sym, constraints) if constraints == Constraints() else None
+        splits = "every" if cands is not None else "fastest"
+        if cands is None:
+            cands, evaluated = candidates(cfg, cluster, wl, max_stages, sym, constraints, progress, objective,
+                                          budget_per_hour)
+        else:
+            evaluated = len(cands)
+        _unproven[0] = _bounded[0] = _by_classes[0] = _by_classes[1] = 0
+        best = _combine(cands, sym, cfg, cluster, wl, objective, budget_per_hour, constraints)
     if best is None:
         raise PlanError(infeasible_message(cfg, cluster, wl, max_stages, budget_per_hour, cands=cands))
     value, chosen, cols, lower, bounded = best
@@ -1088,12 +1226,13 @@ def _combine(cands, sym, cfg, cluster, wl, objective, budget, constraints, exact
     lower = min((t + _sync_bound_any_cluster(cluster, n, unit_bytes) for _, _, n, _, t in jobs),
                 default=INF) if objective == "throughput" else None
     best = None
+    own_cache: dict = {}
     if objective == "throughput":
         # a first value to cut with, from small programs: per share, the few fastest candidates
         for lb, M, n, pool, _ in jobs:
             if best is not None and lb >= best[0]:
                 break
-            few = _fastest_per_share(pool, WARM_CANDIDATES)
+            few = _warm_pool(pool, sym, cluster, n, unit_bytes, WARM_CANDIDATES, own_cache)
             for chosen in _programs(few, sym, cfg, cluster, wl, n, B, unit_bytes, budget, objective,
                                     incumbent=None if best is None else best[0]):
                 value = _value(chosen, few, cfg, cluster, wl, objective)[0]
@@ -1116,7 +1255,8 @@ def _combine(cands, sym, cfg, cluster, wl, objective, budget, constraints, exact
             # in no better plan, and fewer columns can only raise the bound
             while pool:
                 sync = _sync_bound(pool, cluster, n, unit_bytes)
-                left = [c for c in pool if c.step_s + sync < best[0]]
+                own = _column_sync_bounds(pool, cluster, n, unit_bytes)
+                left = [c for c, s in zip(pool, own) if c.step_s + max(sync, s) < best[0]]
                 if len(left) == len(pool):
                     break
                 pool = left
@@ -1145,6 +1285,42 @@ def _combine(cands, sym, cfg, cluster, wl, objective, budget, constraints, exact
 
 WARM_CANDIDATES = 3
 """Candidates per share in the small programs that give the exact ones a first value to beat."""
+
+
+def _warm_pool(cols: list[_Column], sym: Symmetry, cluster, n: int, unit_bytes: list[float], k: int,
+               cache: dict) -> list[_Column]:
+    """The columns of the ``k`` fastest candidates of every share and of the ``k`` whose ``n`` copies alone
+    would take least with their sync (:func:`_own_sync_s`): where slow links between zones dominate, the
+    best plan's replicas are seldom the fastest ones. Only a first value to cut with: any choice is sound."""
+    if n <= 1:
+        return _fastest_per_share(cols, k)
+    steps: dict = defaultdict(dict)
+    own: dict = {}
+    for c in cols:
+        if c.cand not in own:
+            own[c.cand] = c.step_s + _own_sync_s(c, sym, cluster, n, unit_bytes, cache)
+            steps[c.rows][c.cand] = c.step_s
+    keep = set()
+    for got in steps.values():
+        keep.update(sorted(got, key=lambda x: (got[x], x))[:k])
+        keep.update(sorted(got, key=lambda x: (own[x], x))[:k])
+    return [c for c in cols if c.cand in keep]
+
+
+def _own_sync_s(col: _Column, sym: Symmetry, cluster, n: int, unit_bytes: list[float], cache: dict) -> float:
+    """The least sync of ``n`` copies of one candidate: every unit's group among the hosts of the class that
+    keeps it, each host with room for as many members as the stage's devices allow (``cache``: per class,
+    stage devices, bytes and ``n``)."""
+    total = 0.0
+    for h, w, nbytes in zip(col.units, col.widths, unit_bytes):
+        k = sym.class_of[h]
+        key = (k, w, nbytes, n)
+        got = cache.get(key)
+        if got is None:
+            caps = {g: cluster.hosts[g].count // w for g in sym.classes[k].hosts}
+            got = cache[key] = _least_group_s(cluster, caps, nbytes, n)
+        total += got
+    return total
 
 
 def _fastest_per_share(cols: list[_Column], k: int) -> list[_Column]:
@@ -1213,6 +1389,18 @@ def _finish(result: Plan, cfg, cluster, wl, meta: dict) -> Plan:
     return dataclasses.replace(result, prediction=d)
 
 
+def max_replicas(cfg, cluster, wl: TrainWorkload) -> int:
+    """The most replicas the cluster's usable memory holds (each holds the whole training state)."""
+    room = sum(cost.usable_memory_bytes(h.device) * h.count for h in cluster.hosts)
+    return max(1, int(room // state_bytes(cfg, wl)))
+
+
+def most_rows(cands: list[TrainChoice], cfg, cluster, wl: TrainWorkload) -> int:
+    """At most this many sequences per step over replicas that fit: the largest share of any candidate
+    (``M b``) times the most replicas the cluster's memory holds."""
+    return max((c.microbatches * c.microbatch for c in cands), default=0) * max_replicas(cfg, cluster, wl)
+
+
 def infeasible_message(cfg, cluster, wl: TrainWorkload, max_stages: int, budget: float | None,
                        cands=None) -> str:
     state = state_bytes(cfg, wl)
@@ -1222,6 +1410,19 @@ def infeasible_message(cfg, cluster, wl: TrainWorkload, max_stages: int, budget:
     if cands and budget is not None:
         return (f"no training plan of {cfg.name} on {cluster.name} costs at most ${budget:g}/h; raise "
                 "--budget-per-hour or use cheaper devices")
+    rows = most_rows(cands, cfg, cluster, wl) if cands else 0
+    if cands and rows < wl.global_batch:
+        # memory, not divisibility: the replicas that fit take too few sequences between them
+        top = max(cands, key=lambda c: c.microbatches * c.microbatch)
+        n = max_replicas(cfg, cluster, wl)
+        return (f"no training plan of {cfg.name} on {cluster.name} takes the global batch of {wl.global_batch}: "
+                f"pipelines of at most {max_stages} stages that fit take at most "
+                f"{top.microbatches * top.microbatch} sequences per step each (M = {top.microbatches} microbatches of "
+                f"{top.microbatch}; stage s of S stashes min(S - s, M) of them: larger shares do not fit), "
+                f"and the cluster's usable memory holds at most {n} cop{'y' if n == 1 else 'ies'} of the "
+                f"{format_bytes(state)} training state: {rows} of {wl.global_batch} sequences per step at most. Use "
+                "a larger --max-stages, " + ("--remat full, " if wl.remat == "none" else "") +
+                "a shorter --seq-len, a smaller --global-batch, or more devices")
     if cands:
         return (f"no training plan of {cfg.name} on {cluster.name} splits the global batch of {wl.global_batch} "
                 f"into {'/'.join(map(str, wl.microbatches))} microbatches over replicas that fit; try another "

@@ -2,6 +2,7 @@
 in JSON, and the baselines' constraints."""
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -267,6 +268,28 @@ def test_nothing_fits_names_the_shortfall():
         plan_train("llama-2-70b", cluster, TrainWorkload(4096, 8))
 
 
+def test_longer_pipelines_when_the_replicas_that_fit_cannot_take_the_batch():
+    """Six one-device hosts, each holding 0.42 of the training state: four stages hold the state, but with
+    their workspace and 1F1B stash only one sequence per step (M = 1), and two replicas fit in memory: two of
+    the eight sequences. The automatic search goes on to five stages (a plan of eight sequences, M = 8, the
+    same as asked with ``max_stages=5``); asked for four, the error gives that count, not a divisibility
+    hint. (The exhaustive oracle agrees, 0.00134 s per step at five stages and none at four, but takes
+    minutes.)"""
+    cfg = ModelConfig("rand", 256, 64, 128, 8, 4, 2)
+    wl = TrainWorkload(seq_len=64, global_batch=8, microbatches=(1, 2, 4, 8), remat="full", dtype="float32")
+    dev = DeviceSpec("d", int(state_bytes(cfg, wl) * 0.42), 1e12, 1e11, 1e10, 1.0)
+    cluster = Cluster(tuple(Host(f"h{k}", dev, 1, "x", k, 1e10, 1e-5) for k in range(6)), network_bandwidth_Bps=1e9,
+                      network_latency_s=1e-5, cross_zone_bandwidth_Bps=1e8, cross_zone_latency_s=1e-3)
+    auto = plan_train(cfg, cluster, wl)
+    assert auto.prediction["search"]["max_stages"] == 5 and sum(auto.replica_rows) == 8
+    assert train_cost.predict(auto, cfg, cluster, wl).fits
+    five = plan_train(cfg, cluster, wl, max_stages=5)
+    assert auto.prediction["step_s"] == pytest.approx(five.prediction["step_s"], rel=1e-12)
+    with pytest.raises(PlanError, match=r"takes the global batch of 8: pipelines of at most 4 stages that fit take "
+                                        r"at most 1 sequences per step each .* at most 2 copies .* 2 of 8 sequences"):
+        plan_train(cfg, cluster, wl, max_stages=4)
+
+
 def test_workload_validation():
     with pytest.raises(ConfigError, match="remat"):
         TrainWorkload(8, 8, remat="some")
@@ -360,6 +383,30 @@ def test_bounded_candidates_give_the_plain_enumerations_optimum(seed, objective,
         assert got[0] == pytest.approx(got[1], rel=1e-9), (seed, objective, got)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["throughput", "cost"])
+def test_limit_by_smaller_footprints_keeps_the_same_candidates(objective, monkeypatch):
+    """Each pipeline search told to beat what a footprint that fits into it found (when that one's least
+    sync is no larger) against the same search without that limit: the same candidates come out."""
+    from hexjax.search import train_search
+    from hexjax.search.space import host_classes
+    key = lambda g: (g.pipe.footprint, g.microbatches, g.microbatch, g.step_s)
+    shown = 0
+    for seed in range(24):
+        cfg, cluster, wl = problem(seed)
+        sym = host_classes(cluster)
+        got = []
+        for limited in (True, False):
+            with monkeypatch.context() as m:
+                if not limited:
+                    m.setattr(train_search._Found, "least", lambda self, g, sync: math.inf)
+                got.append(sorted(map(key, train_search.candidates(cfg, cluster, wl, 4, sym, Constraints(),
+                                                                   None, objective)[0])))
+        assert got[0] == got[1], seed
+        shown += len(got[0]) > 0
+    assert shown >= 12
+
+
 def test_footprints_with_room_are_the_enumeration_filtered_by_room():
     """Pruned enumeration (pieces that cannot hold every layer between them are not explored) against the full
     one filtered afterwards."""
@@ -417,7 +464,7 @@ def class_problem(seed: int):
 
 
 CLASS_SEEDS = (0, 5, 9, 12, 16, 17, 18, 21, 22, 25, 26, 27, 30, 31, 33, 36, 37)
-"""Seeds whose programs are quick; together 46 (M, n) programs with a plan, 41 of them settled by the class
+"""Seeds whose programs are quick; together 39 (M, n) programs with a plan, 34 of them settled by the class
 program, the other 5 by the host program after it (in seed 17 the class program's candidates cannot be
 placed at its value, once not at all; measured)."""
 
@@ -458,4 +505,4 @@ def test_class_program_reaches_the_host_programs_optimum():
                 assert _exact_step(got, cols, cluster, unit_bytes) == pytest.approx(exact, rel=1e-6), (seed, M, n)
                 compared += 1
                 settled += classes[1] >= exact * (1 - 1e-6)
-    assert compared >= 40 and 0.8 * compared <= settled < compared, (compared, settled)
+    assert compared >= 35 and 0.8 * compared <= settled < compared, (compared, settled)

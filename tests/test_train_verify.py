@@ -69,7 +69,16 @@ CASES = [  # (microbatches, dtype, remat, largest |XLA / model - 1| of the total
 """Measured on these plans (XLA:CPU, jax 0.10.2, seq 128): float32 without remat totals 0.97-1.10 per device
 (activations 0.97-1.15); bfloat16 0.94-1.06 (0.92-1.09); with remat full 0.88-1.12 (0.85-1.17): the
 tensor-parallel last stages (2-3 layers, tp2) hold less than one layer's counted backward and recompute,
-the tp1/dp2 stages a little more (XLA keeps some of the MLP's values through the attention's backward).
+the tp1/dp2 stages a little more. XLA's buffer assignment (``--xla_dump_to``) puts the remat peak in a layer's
+attention backward on every stage, with the three score-sized float32 buffers the model counts; the vectors
+beside them differ. On the tp1 stages XLA:CPU puts the MLP's weight-gradient matmuls after the attention's
+backward, so the recomputed gate and up projections, SiLU's quotient and a cotangent (four f-wide float32
+values) stay live, and the cotangent for the layer below is kept as its parts (the q/k/v projections' and the
+norm's), because the tie in ``hexjax.train.step.after`` fuses with their sum and that fusion is duplicated
+into two consumers; on the tp2 last stages the MLP's values are dead by then. Materialising the cotangent
+(M 1): with a dynamic-update-slice as the tie the tp1 stages come to 1.05-1.06, but the tp2 last stages'
+schedules then keep the MLP's values too (1.13-1.16); with a conditional, 1.05-1.09 and the tp2 stages
+unchanged (0.88-0.89). The spread is XLA:CPU's schedule per program, not a term the model lacks.
 Activations are a few MiB on ``tiny``: the totals are what the plan's feasibility rests on."""
 
 

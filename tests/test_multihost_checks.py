@@ -203,7 +203,10 @@ MISMATCH = textwrap.dedent("""
     try:
         distributed.check_run(plan, cluster)
     except ConfigError as e:
-        print(f"process {me}: error: {e}", file=sys.stderr, flush=True)
+        # one write: both processes share the launcher's stderr, and print() writes the line and its
+        # newline separately, so two lines could interleave
+        sys.stderr.write(f"process {me}: error: {e}\\n")
+        sys.stderr.flush()
         sys.exit(2)
 """)
 
@@ -230,7 +233,8 @@ def test_processes_holding_another_plan_and_cluster_all_stop(tmp_path):
     c0, c1 = (Cluster.load(c).fingerprint() for c in clusters)
     assert c0 != c1
     for pid in (0, 1):
-        line = next(ln for ln in res.stderr.splitlines() if ln.startswith(f"process {pid}: error:"))
+        line = next((ln for ln in res.stderr.splitlines() if ln.startswith(f"process {pid}: error:")), None)
+        assert line is not None, res.stderr[-3000:]
         assert (f"process 1 holds another plan than process 0 (fingerprint {distributed.fingerprint(other)} vs "
                 f"{distributed.fingerprint(PLAN)})") in line, line
         assert f"process 1 holds another cluster than process 0 (fingerprint {c1} vs {c0})" in line, line

@@ -1135,37 +1135,34 @@ def plan_train(model, cluster, wl: TrainWorkload, objective: str = "throughput",
         result, stats = got
         return _finish(result, cfg, cluster, wl, {"search_s": time.perf_counter() - t0, "max_stages": max_stages,
                                                    "exhaustive": True, **stats})
-    # the baselines' replicas share one layout, so their splits stay aligned: their own fastest is kept
-    cands = every_split(cfg, cluster, wl, max_stages, sym, constraints) if constraints == Constraints() else None
-    splits = "every" if cands is not None else "fastest"
-    if cands is None:
-        cands, evaluated = candidates(cfg, cluster, wl, max_stages, sym, constraints, progress, objective,
-                                      budget_per_hour)
-        # fewest_hosts is a bound: when no pipeline that short fits, the model needs longer ones
-        while auto and not cands and max_stages < min(cluster.num_hosts, cfg.num_layers):
-            max_stages += 1
-            cands, evaluated = candidates(cfg, cluster, wl, max_stages, sym, constraints, progress, objective,
-                                          budget_per_hour)
-    else:
-        evaluated = len(cands)
+    def candidates_at(stages: int):
+        """Candidates of at most ``stages`` stages, how many orders that took, and which layer splits."""
+        # the baselines' replicas share one layout, so their splits stay aligned: their own fastest is kept
+        got = every_split(cfg, cluster, wl, stages, sym, constraints) if constraints == Constraints() else None
+        if got is not None:
+            return got, len(got), "every"
+        return (*candidates(cfg, cluster, wl, stages, sym, constraints, progress, objective, budget_per_hour),
+                "fastest")
+
+    def combine(cands):
+        _unproven[0] = _bounded[0] = _by_classes[0] = _by_classes[1] = 0
+        return _combine(cands, sym, cfg, cluster, wl, objective, budget_per_hour, constraints)
+
+    longest = min(cluster.num_hosts, cfg.num_layers)
+    cands, evaluated, splits = candidates_at(max_stages)
+    # fewest_hosts is a bound: when no pipeline that short fits, the model needs longer ones
+    while auto and not cands and splits == "fastest" and max_stages < longest:
+        max_stages += 1
+        cands, evaluated, splits = candidates_at(max_stages)
     if not cands:
         raise PlanError(infeasible_message(cfg, cluster, wl, max_stages, None))
-    _unproven[0] = _bounded[0] = _by_classes[0] = _by_classes[1] = 0
-    best = _combine(cands, sym, cfg, cluster, wl, objective, budget_per_hour, constraints)
+    best = combine(cands)
     # the replicas that fit may take too few sequences between them to make up the batch (1F1B's stash grows
     # with M): longer pipelines spread the state over more hosts and leave room for larger shares
-    while (best is None and auto and max_stages < min(cluster.num_hosts, cfg.num_layers)
-           and most_rows(cands, cfg, cluster, wl) < wl.global_batch):
+    while best is None and auto and max_stages < longest and most_rows(cands, cfg, cluster, wl) < wl.global_batch:
         max_stages += 1
-        cands = every_split(cfg, cluster, wl, max_stages, sym, constraints) if constraints == Constraints() else None
-        splits = "every" if cands is not None else "fastest"
-        if cands is None:
-            cands, evaluated = candidates(cfg, cluster, wl, max_stages, sym, constraints, progress, objective,
-                                          budget_per_hour)
-        else:
-            evaluated = len(cands)
-        _unproven[0] = _bounded[0] = _by_classes[0] = _by_classes[1] = 0
-        best = _combine(cands, sym, cfg, cluster, wl, objective, budget_per_hour, constraints)
+        cands, evaluated, splits = candidates_at(max_stages)
+        best = combine(cands)
     if best is None:
         raise PlanError(infeasible_message(cfg, cluster, wl, max_stages, budget_per_hour, cands=cands))
     value, chosen, cols, lower, bounded = best

@@ -807,14 +807,11 @@ def measure_layer(cfg: ModelConfig, device, dtype: str, phase: str, batch: int, 
     from hexjax.search import cost
     dt = jnp.dtype(dtype)
     stack = min(stack, cfg.num_layers)
-    stage = LlamaStage(cfg, 0, stack, embed=False, head=False, dtype=dt, param_dtype=dt)
     tokens = length if phase == "prefill" else 1
-    x = jnp.ones((batch, tokens, cfg.hidden_size), dt) * 0.01
     if phase == "prefill":
+        stage = LlamaStage(cfg, 0, stack, embed=False, head=False, dtype=dt, param_dtype=dt)
+        x = jnp.ones((batch, tokens, cfg.hidden_size), dt) * 0.01
         pos = jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32), (batch, tokens))
-    else:
-        pos = jnp.full((batch, 1), length - 1, jnp.int32)
-    if phase == "prefill":
         cache = init_cache(cfg, batch, length, stack, dtype=dt)
         params = init_params(stage, 0)
         x, pos, cache, params = jax.device_put((x, pos, cache, params), device)

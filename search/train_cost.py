@@ -69,21 +69,24 @@ Memory per device (must fit ``M (1 - reserve)``, as for serving)
     last stage runs each microbatch's forward inside its backward program, so
     it holds one): per layer and token ``(2h + 2q/tp + 2 kv_dev + 2f/tp) e`` plus
     the float32 attention scores ``(heads/tp) T 4`` without remat (the layer
-    input and every matmul output the backward reads), the layer input ``h e``
-    with full remat, and 4 bytes of token ids on the first stage (the runtime
+    input and every matmul output the backward reads), the inputs of the
+    layer's attention and MLP halves ``2 h e`` with full remat, and 4 bytes of
+    token ids on the first stage (the runtime
     stashes exactly these: ``hexjax.train.step``); workspace, the temporaries
     of one microbatch's backward, which the runtime runs one layer at a time
     (``hexjax.train.step.chain_backward``): one layer's
     ``(2h + 2q/tp + 2 kv_dev + 2f/tp) 4 + 3 (heads/tp) T 4`` per token (a
     float32 cotangent or rebuilt value per stashed matmul output; the rebuilt
     probabilities, the scores' cotangent and its copy laid out for the key
-    gradient), plus with remat that layer's recomputed matmul outputs
-    (``(2h + 2q/tp + 2 kv_dev + 2f/tp) e``; the recomputed scores become the
-    probabilities). On the last stage the residuals are the program's own
-    temporaries (its one microbatch's stash above) and the layer being
-    differentiated frees its own as they are consumed, so its stashed share
-    comes off; the loss's backward, first, holds ``(3 V + V_dev) 4`` per
-    token (shifted logits, their exponentials, the log-probabilities'
+    gradient). With remat the runtime recomputes and differentiates a layer's
+    MLP half and then its attention half, and the larger half counts: the
+    attention's ``3 (heads/tp) T 4 + (2h + 2q/tp + 3 kv_dev) 4`` or the MLP's
+    ``(4h + 5f/tp) 4`` (``remat_backward_bytes_per_token_layer``). On the last
+    stage the residuals are the program's own temporaries (its one
+    microbatch's stash above) and the layer being differentiated frees its
+    own as they are consumed, so its stashed share comes off (with remat, the
+    MLP's input during the attention half); the loss's backward, first, holds
+    ``(3 V + V_dev) 4`` per token (shifted logits, their exponentials, the log-probabilities'
     cotangent over whole rows, and this device's share of the logits'
     cotangent): the workspace is the larger of the two. The first stage's
     float32 embedding gradient ``V_dev h 4`` (a scatter-add table) is a
@@ -134,7 +137,8 @@ def state_bytes_per_param(wl: TrainWorkload) -> tuple[int, int, int]:
 
 def activation_bytes_per_token_layer(cfg: ModelConfig, tp: int, wl: TrainWorkload, full: bool) -> float:
     """Bytes one token stashes per layer for the backward: without remat (``full``) the layer input and
-    every matmul output the backward reads, with remat only the layer input.
+    every matmul output the backward reads, with remat the inputs of the layer's two halves (the layer's
+    and the MLP's, ``2 h``: the runtime recomputes and differentiates the attention and the MLP apart).
 
     Without remat the runtime keeps what its backward reads of each layer's matmuls: the layer input
     ``h`` (the attention norm is rebuilt from it), q, k and v before the rotary embedding
@@ -143,16 +147,15 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, tp: int, wl: TrainWorkloa
     the float32 attention scores ``(heads/tp) T`` (softmax, norms and SiLU are rebuilt, elementwise)."""
     e = wl.dtype_bytes
     if not full:
-        return cfg.hidden_size * e
+        return 2 * cfg.hidden_size * e
     kv = cost.kv_heads_per_device(cfg, tp) * cfg.head_dim
     per = (2 * cfg.hidden_size + 2 * cfg.q_size / tp + 2 * kv + 2 * cfg.intermediate_size / tp) * e
     return per + (cfg.num_heads / tp) * wl.seq_len * 4
 
 
 def backward_bytes_per_token_layer(cfg: ModelConfig, tp: int, wl: TrainWorkload) -> float:
-    """Temporaries one token needs in ONE layer's backward (the runtime's backward takes its layers one at
-    a time: ``hexjax.train.step.chain_backward``), beside that layer's stashed (or, with remat, recomputed)
-    activations.
+    """Temporaries one token needs in ONE layer's backward without remat (the runtime's backward takes its
+    layers one at a time: ``hexjax.train.step.chain_backward``), beside that layer's stashed activations.
 
     The peak is at the attention's softmax: the float32 probabilities rebuilt from the scores, the scores'
     cotangent and a second copy of it laid out for the key gradient's matmul, ``3 (heads/tp) T 4``; and one
@@ -164,6 +167,29 @@ def backward_bytes_per_token_layer(cfg: ModelConfig, tp: int, wl: TrainWorkload)
     kv = cost.kv_heads_per_device(cfg, tp) * cfg.head_dim
     per = 2 * cfg.hidden_size + 2 * cfg.q_size / tp + 2 * kv + 2 * cfg.intermediate_size / tp
     return 4 * per + 3 * scores
+
+
+def remat_backward_bytes_per_token_layer(cfg: ModelConfig, tp: int, wl: TrainWorkload, last: bool) -> float:
+    """Temporaries one token needs in ONE layer's backward with remat, the larger of its two halves'
+    (``hexjax.train.step``: each half is recomputed from its stashed input and differentiated before the
+    half below is recomputed).
+
+    The attention half peaks at the softmax's backward: the three score-sized float32 values
+    (``backward_bytes_per_token_layer``), and in float32 the cotangent arriving at the half and the
+    rebuilt normed input, which the weight gradients read last (``2 h``), q and the attention output's
+    cotangent (``2 q/tp``), k, v and v's gradient, taken before the softmax's (``3 kv_dev``). XLA:CPU's
+    schedules put a little more or less beside them: on a tp1 layer the value projection's input
+    gradient (``h`` more), on a tp2 layer the scores' transposed copy in place of q. The MLP half peaks
+    at its weight gradients: the rebuilt gate and up projections, SiLU's quotient, the cotangent of their
+    product and its copy laid out for the down projection's weight gradient (``5 f/tp``), the arriving
+    cotangent, the rebuilt normed input and the two input gradients of the gate and up projections
+    (``4 h``). On the last stage the stash is the program's temporaries: the MLP input is dead by the
+    attention half's backward, so it comes off there."""
+    kv = cost.kv_heads_per_device(cfg, tp) * cfg.head_dim
+    h, scores = cfg.hidden_size, (cfg.num_heads / tp) * wl.seq_len * 4
+    attention = 3 * scores + 4 * (2 * h + 2 * cfg.q_size / tp + 3 * kv) - (h * wl.dtype_bytes if last else 0)
+    mlp = 4 * (4 * h + 5 * cfg.intermediate_size / tp)
+    return max(attention, mlp)
 
 
 def head_backward_bytes_per_token(cfg: ModelConfig, tp: int) -> float:
@@ -246,19 +272,18 @@ def stage_train_cost(cfg: ModelConfig, device: DeviceSpec, intra_bw: float, intr
         comm = comm + 2 * cost.hop_s(microbatch * T * h * e, *hop_link)
     stash_b = stash * r * T * (l * activation_bytes_per_token_layer(cfg, tp, wl, full=not remat) + (4 if first else 0))
     # workspace: the larger program's temporaries for one microbatch beside the stash. The backward takes
-    # one layer at a time: that layer's temporaries, and with remat its recomputed forward (what it would
-    # stash without remat). The last stage runs its forward in the same program (its one microbatch's
-    # residuals are the stash above) and the loss's backward before the layers'. The first stage's
-    # embedding gradient is a dense float32 table built by scatter-add, after the layers.
-    # With remat the recomputed matmul outputs come on top, but not the recomputed scores: they turn into
-    # the probabilities, one of the three score-sized buffers already counted. In the last stage's program
-    # the residuals are temporaries, and the layer being differentiated frees its own as its backward
-    # consumes them (elsewhere the stash is the program's argument and stays).
-    layer = backward_bytes_per_token_layer(cfg, tp, wl)
+    # one layer at a time (with remat one half of it at a time): that layer's temporaries. The last stage
+    # runs its forward in the same program (its one microbatch's residuals are the stash above) and the
+    # loss's backward before the layers'. The first stage's embedding gradient is a dense float32 table
+    # built by scatter-add, after the layers. In the last stage's program the residuals are temporaries,
+    # and the layer being differentiated frees its own as its backward consumes them (elsewhere the stash
+    # is the program's argument and stays).
     if remat:
-        layer = layer + activation_bytes_per_token_layer(cfg, tp, wl, full=True) - (cfg.num_heads / tp) * T * 4
-    if last:
-        layer = layer - activation_bytes_per_token_layer(cfg, tp, wl, full=not remat)
+        layer = remat_backward_bytes_per_token_layer(cfg, tp, wl, last)
+    else:
+        layer = backward_bytes_per_token_layer(cfg, tp, wl)
+        if last:
+            layer = layer - activation_bytes_per_token_layer(cfg, tp, wl, full=True)
     work = r * T * layer + 0 * l
     if last:
         work = _maximum(work, r * T * head_backward_bytes_per_token(cfg, tp))

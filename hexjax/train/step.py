@@ -12,8 +12,10 @@
   matmuls is recomputed: without remat the stash holds every matmul's output
   (``jax.checkpoint_policies.dots_saveable``; norms, rotary embedding, softmax
   and SiLU, all elementwise, are recomputed from them), with ``remat`` it holds
-  each layer's input and every layer is run again inside the backward
-  (``jax.checkpoint`` per layer). Residuals that do not depend on ``x`` (the
+  the inputs of each layer's attention and MLP halves, and each half is run
+  again inside the backward (``jax.checkpoint`` per half) and differentiated
+  before the half below is recomputed, so only one half's values are live at a
+  time. Residuals that do not depend on ``x`` (the
   weights, their compute-dtype casts, position tables, the causal mask) are
   not stashed but rebuilt from the parameters inside ``bwd``.
   The last stage's ``bwd`` fuses its forward and backward (1F1B runs them back
@@ -102,7 +104,8 @@ def train_pieces(kind: StageKind, remat: bool, compute_dtype) -> list[tuple[tupl
     layer, and on the last stage the final norm and LM head (``fn`` returns logits). ``params`` is the
     master tree; each piece casts its weights to ``compute_dtype`` itself, so the casts are rebuilt in the
     backward rather than stashed. Layers save their matmul outputs for the backward
-    (``dots_saveable``), or with ``remat`` nothing but their input."""
+    (``dots_saveable``); with ``remat`` each layer is two pieces, its attention and its MLP half, that
+    save nothing but their input (``_layer_halves``)."""
     cfg, dt = kind.cfg, jnp.dtype(compute_dtype)
     policy = None if remat else jax.checkpoint_policies.dots_saveable
     embed = llama.Embed(cfg.vocab_size, cfg.hidden_size, dt, dt)
@@ -115,6 +118,9 @@ def train_pieces(kind: StageKind, remat: bool, compute_dtype) -> list[tuple[tupl
         pieces.append((("embed",), lambda p, x, pos: embed.apply({"params": cast(p["embed"])}, x)))
     for i in range(kind.first_layer, kind.first_layer + kind.num_layers):
         name, layer = f"layer_{i}", llama.DecoderLayer(cfg, dt, dt, name=f"layer_{i}")
+        if remat:
+            pieces.extend(_layer_halves(cfg, dt, name, cast))
+            continue
 
         def run(p, h, pos, name=name, layer=layer):
             return layer.apply({"params": cast(p[name])}, h.astype(dt), pos, None)[0]
@@ -130,6 +136,33 @@ def train_pieces(kind: StageKind, remat: bool, compute_dtype) -> list[tuple[tupl
             return lm_head.apply({"params": cast(p["lm_head"])}, h)
         pieces.append((("final_norm", "embed") if tied else ("final_norm", "lm_head"), head))
     return pieces
+
+
+def _layer_halves(cfg, dt, name, cast):
+    """The pieces of a rematerialised decoder layer: its attention half ``x + attn(norm(x))`` and its MLP
+    half ``h + mlp(norm(h))``, as ``llama.DecoderLayer`` computes them, each under ``jax.checkpoint``.
+
+    One piece per layer would recompute the whole layer and leave XLA free to put the MLP's weight
+    gradients after the attention's backward, keeping the MLP's recomputed values (four ``f``-wide
+    float32 values) live beside the attention's score-sized ones. As two pieces the MLP half is
+    differentiated first and its values are dead when the attention half is recomputed, at the cost of
+    stashing the MLP's input too (``h`` per token and layer)."""
+    attn_norm = llama.RMSNorm(cfg.rms_norm_eps, dt, dt)
+    attn = llama.Attention(cfg, dt, dt)
+    mlp_norm = llama.RMSNorm(cfg.rms_norm_eps, dt, dt)
+    mlp = llama.MLP(cfg, dt, dt)
+
+    def attention(p, h, pos):
+        q = cast(p[name])
+        h = h.astype(dt)
+        y = attn_norm.apply({"params": q["attn_norm"]}, h)
+        return h + attn.apply({"params": q["attn"]}, y, pos, None)[0]
+
+    def feed_forward(p, h, pos):
+        q = cast(p[name])
+        y = mlp_norm.apply({"params": q["mlp_norm"]}, h)
+        return h + mlp.apply({"params": q["mlp"]}, y)
+    return [((name,), jax.checkpoint(attention)), ((name,), jax.checkpoint(feed_forward))]
 
 
 def _piece_vjp(fn, p, h, pos):
@@ -162,11 +195,12 @@ def chain_backward(pieces, params, x, stash, cot, acc, extra=None):
     accumulator ``acc`` (plus ``extra[k]`` where given, e.g. a tied embedding's gradient from the head):
     ``(new acc, cotangent of x)``.
 
-    Pieces are taken last to first, one at a time: each piece's residuals are made to depend on the
-    cotangent arriving from the piece above, and that cotangent on the piece above's accumulated
-    gradients (``after``). XLA schedules a program as a whole and would otherwise rebuild (with remat,
-    recompute) every layer's values as soon as the stash exists and put the weight gradients off until
-    the whole cotangent chain is done, keeping every layer's temporaries live at once."""
+    Pieces are taken last to first, one at a time: each piece's residuals (with remat, its smallest
+    weight) are made to depend on the cotangent arriving from the piece above, and that cotangent on the
+    piece above's accumulated gradients and computed once (``after``, ``cotangent_after``). XLA
+    schedules a program as a whole and would otherwise rebuild (with remat, recompute) every layer's
+    values as soon as the stash exists and put the weight gradients off until the whole cotangent chain
+    is done, keeping every layer's temporaries live at once."""
     pos = _positions(x)
     shapes = [x]
     for keys, fn in pieces[:-1]:     # each piece's input, for shapes only
@@ -179,8 +213,21 @@ def chain_backward(pieces, params, x, stash, cot, acc, extra=None):
         hz = jnp.zeros(h.shape, h.dtype)
         _, pull = _piece_vjp(fn, p, hz, pos)
         leaves, tree = jax.tree.flatten(pull)
-        it = iter(after(list(st), cot))
         keep = _depends_on_input(fn, p, hz, pos)
+        own = {id(a) for a in jax.tree.leaves(p)}
+        weights = [i for i, a in enumerate(leaves) if id(a) in own and jnp.issubdtype(a.dtype, jnp.floating)]
+        if jnp.issubdtype(h.dtype, jnp.floating) and weights and all(a.shape == h.shape for a in st):
+            # rematerialised (the stash is the input alone): the piece's smallest weight (its norm's scale)
+            # carries the wait, so everything rebuilt through the weights waits; a tied float32 input would
+            # be copied whole, as the norm's reduction reads it unfused. A narrower input is tied as well:
+            # the norm reads a float32 copy of it anyway, which XLA:CPU would otherwise make early (in the
+            # last stage's program, during the forward) and keep until this piece's backward
+            leaves = list(leaves)
+            small = min(weights, key=lambda i: leaves[i].size)
+            leaves[small] = after(leaves[small], cot)
+            it = iter(st if st[0].dtype == jnp.float32 else after(list(st), cot))
+        else:
+            it = iter(after(list(st), cot))
         pull = jax.tree.unflatten(tree, [next(it) if k else a for a, k in zip(leaves, keep)])
         out = pull(cot)
         g, cot = (out[0], out[1]) if len(out) == 2 else (out[0], None)
@@ -189,7 +236,7 @@ def chain_backward(pieces, params, x, stash, cot, acc, extra=None):
                 v = jax.tree.map(jnp.add, v, extra[k])
             acc[k] = jax.tree.map(jnp.add, acc[k], v)
         if cot is not None:
-            cot = after(cot, [acc[k] for k in g])
+            cot = cotangent_after(cot, [acc[k] for k in g])
     return acc, cot
 
 
@@ -199,31 +246,62 @@ def after(tree, dep):
     Adds zero times the float32 sum of ``dep`` (exact while that sum is finite; a non-finite gradient
     poisons the step's clipping norm anyway). XLA keeps it: a float ``x * 0`` is not folded (NaN), whereas
     an ``optimization_barrier`` is removed before XLA:CPU schedules and so orders nothing."""
-    deps = [a for a in jax.tree.leaves(dep) if jnp.issubdtype(a.dtype, jnp.floating)]
-    if not deps:
+    zero = _zero_after(dep)
+    if zero is None:
         return tree
-    zero = sum(jnp.sum(a.astype(jnp.float32)) for a in deps) * 0
 
     def tie(a):
         return a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
     return jax.tree.map(tie, tree)
 
 
-def compiler_options(platform: str) -> dict:
-    """XLA options of a stage's forward and backward programs on ``platform``.
+def cotangent_after(cot, dep):
+    """``after`` for the cotangent handed from one piece's backward to the next: also materialised once.
+
+    The cotangent is a sum of parts (the residual stream's, each matmul's input gradient); an added zero
+    would let XLA fuse that sum into each consumer, keeping the parts, and the next piece's parts with them,
+    live down the whole chain. The remainder by infinity (``x`` itself for finite ``x``) is an op XLA
+    counts as expensive and does not duplicate into several consumers, so the sum is computed once."""
+    zero = _zero_after(dep)
+    if zero is None:
+        return cot
+    inf = zero + jnp.inf
+
+    def tie(a):
+        return jax.lax.rem(a, inf.astype(a.dtype)) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    return jax.tree.map(tie, cot)
+
+
+def _zero_after(dep):
+    """Zero times the float32 sum of ``dep``'s floating leaves (None when it has none)."""
+    deps = [a for a in jax.tree.leaves(dep) if jnp.issubdtype(a.dtype, jnp.floating)]
+    if not deps:
+        return None
+    return sum(jnp.sum(a.astype(jnp.float32)) for a in deps) * 0
+
+
+def compiler_options(platform: str, remat: bool = False) -> dict:
+    """XLA options of a stage's forward and backward programs on ``platform`` (``remat``: rematerialised).
 
     XLA:CPU's default scheduler orders a program for parallelism across its thread pool and starts every
     layer's elementwise values (the softmax rebuilt from the scores, SiLU, casts) as soon as their inputs
     exist, keeping all of them live at once, data dependencies (``after``) notwithstanding. Its
     memory-minimising schedule runs the backward layer by layer, as the cost model counts it
     (``hexjax.search.train_cost``): with both, the ``small`` model's one-stage backward at 16 x 128 tokens
-    holds 183 MiB of temporaries instead of 398 (float32), 60 instead of 398 with remat. It costs speed on
-    CPU: ``benchmarks/train_cpu.py`` ran the two-replica plan's step in about 0.91 s instead of 0.63 s
+    holds 183 MiB of temporaries instead of 398 (float32), 51 with remat (and CSE off, below). It costs
+    speed on CPU: ``benchmarks/train_cpu.py`` ran the two-replica plan's step in about 0.91 s instead of 0.63 s
     (2 cores at load 7.5). The option name is XLA:CPU's; GPU backends schedule with a memory limit already.
+
+    With remat, common-subexpression elimination is off too: ``jax.checkpoint`` fences the recomputed
+    forward with optimisation barriers, which XLA:CPU expands before CSE, so the last stage's fused
+    program would otherwise merge a layer's recomputation with its forward and keep the forward's
+    values (the weights' casts, the norms' float32 inputs) live from the forward to that layer's backward.
     """
     if platform != "cpu":
         return {}
     opts = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+    if remat:
+        opts["xla_disable_hlo_passes"] = "cse"
     return opts if _accepted(tuple(opts.items())) else {}
 
 
@@ -271,7 +349,7 @@ class StageStep:
             def f(params, x):
                 return f_compute(jax.tree.map(lambda a: a.astype(cdt), params), x)
         ps, rep, inp = self.param_shardings, self.replicated, self.input_sharding
-        jit = functools.partial(jax.jit, compiler_options=compiler_options(self.devices[0].platform) or None)
+        jit = functools.partial(jax.jit, compiler_options=compiler_options(self.devices[0].platform, remat) or None)
         self.infer = jit(f, in_shardings=(ps, inp), out_shardings=None if kind.head else self.hidden_sharding)
         pieces = train_pieces(kind, remat, self.compute_dtype)
 
@@ -295,7 +373,7 @@ class StageStep:
                 acc = dict(acc, **{k: jax.tree.map(jnp.add, acc[k], v) for k, v in g.items() if k not in shared})
                 # the body's backward waits for the head's gradients and loss, so the logits can go first
                 done = [acc[k] for k in g if k not in shared] + [loss]
-                acc, dx = chain_backward(body, params, x, stash, after(cot, done), acc, shared)
+                acc, dx = chain_backward(body, params, x, stash, cotangent_after(cot, done), acc, shared)
                 return acc, None if kind.embed else dx, loss, count
             out = (ps, None if kind.embed else self.hidden_sharding, rep, rep)
             self.bwd = jit(bwd, donate_argnums=(4,), in_shardings=(ps, inp, self.rows_sharding, rep, ps),

@@ -161,7 +161,8 @@ def main() -> None:
             c = calibrate(quick=True, model=cfg)
             cal = c if cal is None else cal.best_of(c)
             print(f"calibration {k + 1}: host {c.host_work()[0] * 1e6:.0f} us/pass + {c.host_work()[1] * 1e6:.0f} "
-                  f"us/row, stage copies {c.copy_latency_s * 1e6:.0f} us  (load {os.getloadavg()[0]:.1f})")
+                  f"us/row, stage copies {c.copy_latency_s * 1e6:.0f} us, stage overhead (devices: us) "
+                  f"{_us(c.profile().stage_overhead_s)}  (load {os.getloadavg()[0]:.1f})")
         for name in plans:
             measured = engine_run(engines[name], trace)
             runs[name].append(measured)

@@ -58,9 +58,10 @@ How the figures become the profile:
   the tokens back, emitting), measured on a model whose device time is small
   and timed apart, so that the figure is the engine's, not the model's.
   Only the serving simulation uses these four (``hexjax simulate``);
-- by mesh size, for the serving simulation too (from medians of at least 20
-  runs, as the host work: the engine's steps, one after another, see the
-  machine as it is, not at its quietest): ``stage_overhead_us`` is the
+- by mesh size, for the serving simulation too (every program of these
+  terms timed in turns, the median over rounds of each round's median run,
+  so that a load that comes and goes hits every mesh size alike):
+  ``stage_overhead_us`` is the
   mean over a mesh size's stage runs of the measured step less the serving
   cost model's time of that step without any fixed overhead (what a stage
   step costs beyond its layers and collectives: launching on every device,
@@ -168,7 +169,8 @@ class StageRun:
     context: int
     """Decode: the position the step decodes at; extend: the chunk's width (starting at position 0)."""
     seconds: float
-    """Median measured step, the positions and block tables passed from the host as the engine does."""
+    """Measured step (:func:`interleaved_time_s`), the positions and block tables passed from the host as the
+    engine does."""
     phase: str = "decode"
     """``decode`` or ``extend`` (a prefill chunk)."""
     table_tokens: int = 128
@@ -369,9 +371,10 @@ class Calibration:
                                                                                  min(a[2], b[2]), a[3])),
             collectives=best(self.collectives, other.collectives, lambda c: c[0],
                              lambda a, b: min(a, b, key=lambda x: x[1])),
-            stages=best(self.stages, other.stages,
-                        lambda r: (r.phase, r.devices, r.layers, r.rows, r.context, r.table_tokens),
-                        lambda a, b: min(a, b, key=lambda r: r.seconds)))
+            # the stage runs of one calibration together (the quicker), as they were timed in turns: the
+            # overheads are differences between them, and each run at its own best would mix moments
+            stages=min((x for x in (self.stages, other.stages) if x), key=lambda runs: sum(r.seconds for r in runs),
+                       default=()))
 
     def predicted_layer_s(self, run: LayerRun, spec: DeviceSpec | None = None) -> float:
         """The cost model's time of one measured layer run on the calibrated device."""
@@ -434,17 +437,33 @@ def best_time_s(fn: Callable[[], Any], repeats: int) -> float:
     return best
 
 
-def median_time_s(fn: Callable[[], Any], repeats: int) -> float:
-    """Median of ``repeats`` runs of ``fn`` (after one warm-up run): what a run typically costs on the
-    machine as it is, as the serving engine's steps, one after another, see it."""
+MESH_ROUNDS, MESH_RUNS = 10, 6
+"""Rounds and runs per round of the programs behind the serving terms by mesh size (:func:`interleaved_time_s`)."""
+
+
+def interleaved_time_s(fns: list[Callable[[], Any]], rounds: int = MESH_ROUNDS,
+                       runs: int = MESH_RUNS) -> list[float]:
+    """Per function of ``fns`` (each run once to warm up, each blocking until done), the median over
+    ``rounds`` rounds of the median of its ``runs`` consecutive runs in the round; every round runs all of
+    ``fns`` in turn (reversed every other round). On a shared machine a slow stretch then hits every
+    function alike instead of the ones timed during it, and the median over rounds drops a disturbed
+    round: figures whose differences (one program against another, one mesh size against another) hold
+    from one calibration to the next. Medians, not the fastest runs: like the host work, these figures
+    stand for the serving engine's steps, one after another, which see the machine as it is."""
     import statistics
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    per_round: list[list[float]] = [[] for _ in fns]
+    for k in range(rounds):
+        order = range(len(fns)) if k % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                fns[i]()
+                times.append(time.perf_counter() - t0)
+            per_round[i].append(statistics.median(times))
+    return [statistics.median(t) for t in per_round]
 
 
 def _block(x):
@@ -552,36 +571,37 @@ def measure_stage_copies(devices, sizes: tuple[int, int], repeats: int) -> tuple
 def measure_collectives(devices, degrees: tuple[int, ...], repeats: int,
                         chain: int = 8) -> tuple[tuple[int, float], ...]:
     """``(devices, seconds)`` per degree: what one more all-reduce of a small float32 block ([4, 64] per device,
-    a few decode rows' activations) adds inside a program on the first ``devices`` local devices, from the
-    median runs of programs of 1 and ``chain + 1`` dependent ``psum``s (so the launch cancels out)."""
+    a few decode rows' activations) adds inside a program on the first ``devices`` local devices: the
+    difference of programs of 1 and ``chain + 1`` dependent ``psum``s (so the launch cancels out), all
+    timed in turns (:func:`interleaved_time_s`, at least ``repeats`` rounds), over ``chain``."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    out = []
+    degrees = [n for n in degrees if 2 <= n <= len(devices)]
+    fns = []
     for n in degrees:
-        if n < 2 or n > len(devices):
-            continue
         mesh = Mesh(np.array(devices[:n]), ("tp",))
         x = jax.device_put(jnp.ones((4, 64 * n), jnp.float32), NamedSharding(mesh, P(None, "tp")))
-        times = []
         for k in (1, chain + 1):
             def body(v, k=k):
                 for _ in range(k):
                     v = jax.lax.psum(v, "tp") * 0.5     # each waits for the one before
                 return v
             f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(None, "tp"), out_specs=P(None, "tp")))
-            times.append(median_time_s(lambda: _block(f(x)), max(repeats, 20)))
-        out.append((n, _us(max((times[1] - times[0]) / chain, 0.0))))
-    return tuple(out)
+            fns.append(lambda f=f, x=x: _block(f(x)))
+    times = interleaved_time_s(fns, max(repeats, MESH_ROUNDS))
+    return tuple((n, _us(max((times[2 * i + 1] - times[2 * i]) / chain, 0.0))) for i, n in enumerate(degrees))
 
 
 def measure_stage_programs(cfg: ModelConfig, devices, degrees: tuple[int, ...], rows: tuple[int, ...],
                            repeats: int) -> tuple[StageRun, ...]:
     """Decode steps of the runtime's stage program (:mod:`hexjax.runtime.stage`, paged KV cache, float32) of
     one and two middle layers of ``cfg`` on a ``tp = n`` mesh of the first ``n`` local devices, for each
-    ``n`` of ``degrees`` and each row count: the median of ``repeats`` (at least 20) steps, the hidden
+    ``n`` of ``degrees`` and each row count, and a prefill chunk over block tables of two sizes: the hidden
     states already on the mesh and the positions and block tables passed as host arrays, as the serving
-    engine passes them."""
+    engine passes them. Every program of every mesh size is timed in turns (:func:`interleaved_time_s`, at
+    least ``repeats`` rounds), so that the differences the profile takes (between mesh sizes, layer counts
+    and tables) do not carry a load that came and went between them."""
     import jax
     import jax.numpy as jnp
     from hexjax.models.llama import init_params
@@ -589,34 +609,40 @@ def measure_stage_programs(cfg: ModelConfig, devices, degrees: tuple[int, ...], 
     from hexjax.runtime.stage import StageKind, StageShape, stage_module, stage_programs
     width = pages_for(STAGE_TABLE_TOKENS, STAGE_PAGE)
     context = STAGE_TABLE_TOKENS // 2
-    out = []
+    runs, fns, weights = [], [], {}
+
+    def placed_for(kind, prog):
+        # one copy of a stage's weights for all its programs (their placement depends on the kind and the
+        # mesh only): every program stays alive until the timing in turns is done
+        if kind not in weights:
+            weights[kind] = prog.place_params(init_params(stage_module(kind), 0))
+        return weights[kind]
     for n in degrees:
         if n > len(devices):
             continue
         for layers in sorted({1, min(2, cfg.num_layers)}):
             kind = StageKind(cfg, 0, layers, False, False, 1, n, "float32")
-            params = init_params(stage_module(kind), 0)
             for r in rows:
                 prog = stage_programs(kind, StageShape(r, STAGE_PAGE, r * width + 1, STAGE_PAGE, width),
                                       tuple(devices[:n]))
-                placed = prog.place_params(params)
+                placed = placed_for(kind, prog)
                 cache = [prog.empty_cache()]
                 run = prog.compiled("decode")
                 x = jax.device_put(jnp.full((r, 1, cfg.hidden_size), 0.01, jnp.float32), prog.input_sharding)
                 pos = np.full((r,), context - 1, np.int32)
                 table = (1 + np.arange(r * width, dtype=np.int32)).reshape(r, width)
 
-                def step():
+                def step(run=run, placed=placed, cache=cache, x=x, pos=pos, table=table):
                     y, cache[0] = run(placed, cache[0], x, pos, table)
                     _block(y)
-                out.append(StageRun(n, layers, r, context, median_time_s(step, max(repeats, 20))))
+                runs.append(StageRun(n, layers, r, context, 0.0))
+                fns.append(step)
         # a prefill chunk over block tables of two sizes: what more keys in the table cost
         kind = StageKind(cfg, 0, 1, False, False, 1, n, "float32")
-        params = init_params(stage_module(kind), 0)
         for tokens in STAGE_EXTEND_TABLES:
             w = pages_for(tokens, STAGE_PAGE)
             prog = stage_programs(kind, StageShape(1, STAGE_EXTEND_WIDTH, w + 1, STAGE_PAGE, w), tuple(devices[:n]))
-            placed = prog.place_params(params)
+            placed = placed_for(kind, prog)
             cache = [prog.empty_cache()]
             run = prog.compiled("extend")
             x = jax.device_put(jnp.full((1, STAGE_EXTEND_WIDTH, cfg.hidden_size), 0.01, jnp.float32),
@@ -625,12 +651,13 @@ def measure_stage_programs(cfg: ModelConfig, devices, degrees: tuple[int, ...], 
             last = np.full((1,), STAGE_EXTEND_WIDTH - 1, np.int32)
             table = (1 + np.arange(w, dtype=np.int32))[None, :]
 
-            def chunk():
+            def chunk(run=run, placed=placed, cache=cache, x=x, pos=pos, last=last, table=table):
                 y, cache[0] = run(placed, cache[0], x, pos, last, table)
                 _block(y)
-            out.append(StageRun(n, 1, 1, STAGE_EXTEND_WIDTH, median_time_s(chunk, max(repeats, 20)), "extend",
-                                w * STAGE_PAGE))
-    return tuple(out)
+            runs.append(StageRun(n, 1, 1, STAGE_EXTEND_WIDTH, 0.0, "extend", w * STAGE_PAGE))
+            fns.append(chunk)
+    times = interleaved_time_s(fns, max(repeats, MESH_ROUNDS))
+    return tuple(dataclasses.replace(r, seconds=t) for r, t in zip(runs, times))
 
 
 def measure_chained_copies(cfg: ModelConfig, devices, rows: int,
@@ -639,7 +666,8 @@ def measure_chained_copies(cfg: ModelConfig, devices, rows: int,
     programs on meshes of the local devices (sizes 1 -> 1, 2 -> 1 and 1 -> 2 -> 1, as many as the devices
     allow): each program's input copied from the one before with ``jax.device_put`` and issued without
     waiting, as the serving engine issues a step, then waited for at the end; against the same programs
-    each run alone on an input already on its mesh. Median runs (at least 20) of each."""
+    each run alone on an input already on its mesh. All timed in turns (:func:`interleaved_time_s`, at
+    least ``repeats`` rounds)."""
     import jax
     import jax.numpy as jnp
     from hexjax.models.llama import init_params
@@ -664,24 +692,25 @@ def measure_chained_copies(cfg: ModelConfig, devices, rows: int,
     layouts = [[d[0:1], d[1:2]]] + ([[d[0:2], d[2:3]]] if len(d) >= 3 else []) + \
         ([[d[0:1], d[1:3], d[3:4]]] if len(d) >= 4 else [])
     x = jnp.full((rows, 1, cfg.hidden_size), 0.01, jnp.float32)
-    out = []
+    fns, spans = [], []
     for meshes in layouts if len(d) >= 2 else []:
         stages = [stage(m) for m in meshes]
-        alone = 0.0
+        first = len(fns)
         for sharding, call in stages:
             xs = jax.device_put(x, sharding)
-            alone += median_time_s(lambda: _block(call(xs)), max(repeats, 20))
-
+            fns.append(lambda call=call, xs=xs: _block(call(xs)))
         start = _block(jax.device_put(x, stages[0][0]))
 
-        def chain():
+        def chain(stages=stages, start=start):
             y = start
             for sharding, call in stages:
                 y = call(jax.device_put(y, sharding))
             _block(y)
-        out.append(("->".join(str(len(m)) for m in meshes), median_time_s(chain, max(repeats, 20)), alone,
-                    len(meshes) - 1))
-    return tuple(out)
+        fns.append(chain)
+        spans.append(("->".join(str(len(m)) for m in meshes), first, len(meshes) - 1))
+    times = interleaved_time_s(fns, max(repeats, MESH_ROUNDS)) if fns else []
+    # each chain's entry follows its programs alone
+    return tuple((name, times[first + k + 1], sum(times[first:first + k + 1]), k) for name, first, k in spans)
 
 
 def measure_serving_host(device_index: int = 0, rows: tuple[int, ...] = (1, 4),

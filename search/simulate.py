@@ -175,6 +175,65 @@ def engine_shapes(max_batch: int, max_model_len: int, max_step_tokens: int, page
             "table_tokens": -(-max_model_len // page_tokens) * page_tokens}
 
 
+ENGINE_MAX_BATCH = 32
+"""Rows per replica of :class:`hexjax.serve.Engine` unless told (its ``DEFAULT_MAX_BATCH``; kept here so that
+costing the engine's shapes does not load JAX)."""
+
+
+def engine_settings(plan, cfg, max_batch: int | None = None, max_model_len: int | None = None,
+                    max_step_tokens: int | None = None) -> tuple[int, int, int]:
+    """``(max_batch, max_model_len, max_step_tokens)`` as :class:`hexjax.serve.Engine` settles them for
+    ``plan`` and ``cfg`` from these arguments (None: the engine's defaults: ``ENGINE_MAX_BATCH`` rows rounded
+    up to a multiple of every stage's dp, the model's context, ``max(512, 2 max_batch)`` tokens), with the
+    engine's checks."""
+    unit = math.lcm(*(st.dp for rep in plan.replicas for st in rep.stages))
+    if max_batch is None:
+        max_batch = -(-ENGINE_MAX_BATCH // unit) * unit
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ConfigError(f"max_batch must be a positive number of rows, got {max_batch!r}")
+    if max_batch % unit:
+        raise ConfigError(f"the serving engine needs max_batch ({max_batch}) to be a multiple of every stage's dp "
+                          f"(here {unit}); give a multiple of {unit}")
+    if max_model_len is not None and (isinstance(max_model_len, bool) or not isinstance(max_model_len, int)
+                                      or max_model_len < 1):
+        raise ConfigError(f"max_model_len must be a positive number of tokens, got {max_model_len!r}")
+    length = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    tokens = max(512, 2 * max_batch) if max_step_tokens is None else max_step_tokens
+    if tokens <= max_batch:
+        raise ConfigError(f"max_step_tokens ({tokens}) must exceed max_batch ({max_batch}): every decoding row "
+                          "takes one token of a step")
+    return max_batch, length, tokens
+
+
+class _ByReplica:
+    """Step times of each replica from its own :class:`StepTimes`."""
+
+    def __init__(self, times: Sequence[StepTimes]):
+        self.times = list(times)
+
+    def prefill_s(self, replica: int, prompt_lens: Sequence[int]) -> float:
+        return self.times[replica].prefill_s(replica, prompt_lens)
+
+    def decode_s(self, replica: int, contexts: Sequence[int]) -> float:
+        return self.times[replica].decode_s(replica, contexts)
+
+
+def engine_step_times(plan, cfg, cluster, max_batch: int, max_model_len: int, max_step_tokens: int,
+                      **kw) -> StepTimes:
+    """:class:`CostModelStepTimes` (``kw``: its other arguments) at the padded shapes
+    :class:`hexjax.serve.Engine` compiles for ``plan`` with these settings (:func:`engine_settings` gives its
+    defaults): :func:`engine_shapes`, each replica's rows in multiples of its own stages' dp."""
+    by_unit: dict[int, CostModelStepTimes] = {}
+    times = []
+    for rep in plan.replicas:
+        unit = math.lcm(*(st.dp for st in rep.stages))
+        if unit not in by_unit:
+            by_unit[unit] = CostModelStepTimes(plan, cfg, cluster, **kw, **engine_shapes(
+                max_batch, max_model_len, max_step_tokens, unit=unit))
+        times.append(by_unit[unit])
+    return times[0] if len(by_unit) == 1 else _ByReplica(times)
+
+
 class MeasuredStepTimes:
     """Step times measured on a serving engine: one decode step (whatever the rows: the engine's programs
     always run every slot), and a prefill per padded prompt width (a prefill takes the time of the

@@ -156,6 +156,37 @@ def test_best_of_keeps_each_figure_at_its_best():
     assert [r.seconds for r in m.layers] == [r.seconds for r in a.layers[:2]] + [r.seconds / 2 for r in a.layers[2:]]
 
 
+def test_interleaved_timing_spreads_a_slow_stretch_over_every_program(monkeypatch):
+    """Two programs of known cost (on a fake clock) during a stretch that runs everything 5x slower for a
+    third of the time: timed in turns, each comes out at its own cost, while timed one after the other the
+    first takes most of the slow stretch (its figure at least doubled, the second's exact)."""
+    import types
+    import hexjax.calibrate as C
+    clock = [0.0]
+    monkeypatch.setattr(C, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def program(cost):
+        def run():
+            clock[0] += cost * (5 if 0.003 <= clock[0] < 0.028 else 1)
+        return run
+    assert C.interleaved_time_s([program(1e-4), program(3e-4)], rounds=10, runs=6) == pytest.approx([1e-4, 3e-4])
+    clock[0] = 0.0
+    apart = [C.interleaved_time_s([program(c)], rounds=10, runs=6)[0] for c in (1e-4, 3e-4)]
+    assert apart[0] >= 2e-4 and apart[1] == pytest.approx(3e-4)
+
+
+def test_best_of_keeps_one_calibrations_stage_runs_together():
+    """The stage overheads are differences between stage runs timed in turns: best_of keeps the stage runs of
+    the calibration whose runs took less in all, not each run's faster figure from either."""
+    import dataclasses
+    runs = (StageRun(1, 1, 1, 64, 4e-4), StageRun(2, 1, 1, 64, 1.5e-3))
+    a = dataclasses.replace(synthetic(), model="tiny", stages=runs)
+    b = dataclasses.replace(a, stages=(dataclasses.replace(runs[0], seconds=3e-4),
+                                       dataclasses.replace(runs[1], seconds=2e-3)))
+    assert a.best_of(b).stages == runs and b.best_of(a).stages == runs
+    assert dataclasses.replace(a, stages=()).best_of(b).stages == b.stages
+
+
 # ---- the serving engine's host work and the copies between stages ----
 
 def test_serving_terms_fit_round_trip_and_need_version_2(tmp_path):

@@ -71,16 +71,22 @@ def _row(label: str, res) -> dict:
 def simulate_cmd(plan_file: Path, cluster_file: Path, model: str | None, trace_file: Path | None,
                  rate: float | None, requests: int | None, slo_ms: float | None, ttft_slo_ms: float | None,
                  tpot_slo_ms: float | None, max_batch: int | None, routing: str, rates: str | None,
-                 png: Path | None, seed: int, as_json: bool, step_tokens: int = 2048) -> None:
+                 png: Path | None, seed: int, as_json: bool, step_tokens: int | None = None, engine: bool = False,
+                 max_model_len: int | None = None) -> None:
     from hexjax.cli.plan import output_file, plan_model
     from hexjax.cluster import Cluster
     from hexjax.plan import Plan
-    from hexjax.search.simulate import attainment_curve, draw_curves, simulate_plan
+    from hexjax.search.simulate import (DEFAULT_STEP_TOKENS, attainment_curve, draw_curves, engine_settings,
+                                        engine_step_times, simulate_plan)
 
     if routing not in ("plan", "load"):
         raise ConfigError(f"--routing {routing!r}: use 'plan' (the plan's routing table) or 'load' (any replica)")
     if max_batch is not None and max_batch < 1:
         raise ConfigError(f"--max-batch must be at least 1, got {max_batch}")
+    if max_model_len is not None and max_model_len < 1:
+        raise ConfigError(f"--max-model-len must be at least 1 token, got {max_model_len}")
+    if step_tokens is not None and step_tokens < 1:
+        raise ConfigError(f"--step-tokens must be at least 1, got {step_tokens}")
     if rate is not None and not rate > 0:
         raise ConfigError(f"--rate must be a positive number of requests per second, got {rate:g}")
     cluster = Cluster.load(cluster_file)
@@ -95,14 +101,29 @@ def simulate_cmd(plan_file: Path, cluster_file: Path, model: str | None, trace_f
     trace = _trace(trace_file, rate, requests, plan, seed)
     output_file(png, "--png")
     curve_rates = _rates(rates, rate if rate is not None else trace.summary().get("rate_per_s")) if png else None
+    step_times, shapes = None, None
+    if engine or max_model_len is not None:
+        # the shapes the serving engine compiles: padded chunk widths and row counts, block tables over the
+        # whole context; its defaults for what is not given
+        max_batch, length, step_tokens = engine_settings(plan, cfg, max_batch, max_model_len, step_tokens)
+        step_times = engine_step_times(plan, cfg, cluster, max_batch, length, step_tokens)
+        over = [r for r in trace.requests if r.context_len > length]
+        if over:
+            raise ConfigError(f"{len(over)} of the {len(trace.requests)} requests need more than the engine's "
+                              f"{length} tokens (prompt plus output, up to {max(r.context_len for r in over)}), "
+                              "and the engine refuses them; give --max-model-len at least that (at most the "
+                              "model's context)")
+        shapes = {"max_batch": max_batch, "max_model_len": length, "max_step_tokens": step_tokens}
+    elif step_tokens is None:
+        step_tokens = DEFAULT_STEP_TOKENS
     res = simulate_plan(plan, cfg, cluster, trace, slo, max_batch=max_batch, routing=routing,
-                        max_step_tokens=step_tokens)
+                        max_step_tokens=step_tokens, step_times=step_times)
     written = []
     curve = None
     if png is not None:
         # the same request sizes, arriving at each rate of the curve
         curve = attainment_curve(plan, cfg, cluster, trace, curve_rates, slo, seed=seed, max_batch=max_batch,
-                                 routing=routing, max_step_tokens=step_tokens)
+                                 routing=routing, max_step_tokens=step_tokens, step_times=step_times)
         written.append(draw_curves({plan_file.name: curve}, png, f"{cfg.name} on {cluster.name}"))
     if as_json:
         d = _row(trace.name, res)
@@ -110,12 +131,13 @@ def simulate_cmd(plan_file: Path, cluster_file: Path, model: str | None, trace_f
             d["curve"] = [{"rate_per_s": r, "attainment": c.attainment,
                            "throughput_tokens_per_s": c.throughput_tokens_per_s} for r, c in curve]
         d["written"] = written
+        d["engine_shapes"] = shapes
         typer.echo(json.dumps(d, indent=2))
         return
-    _print(plan_file, cfg, cluster, trace, res, curve, written)
+    _print(plan_file, cfg, cluster, trace, res, curve, written, shapes)
 
 
-def _print(plan_file, cfg, cluster, trace, res, curve, written) -> None:
+def _print(plan_file, cfg, cluster, trace, res, curve, written, shapes=None) -> None:
     from rich.table import Table
 
     from hexjax.cli._console import table_console
@@ -132,6 +154,9 @@ def _print(plan_file, cfg, cluster, trace, res, curve, written) -> None:
     con.print(t)
     con.print(f"SLO: {d['slo']}; requests per replica: "
               + ", ".join(f"r{k} {v}" for k, v in d["requests_per_replica"].items()))
+    if shapes is not None:
+        con.print(f"the serving engine's shapes: {shapes['max_batch']} rows, block tables of "
+                  f"{shapes['max_model_len']} tokens, {shapes['max_step_tokens']} tokens a step (padded)")
     if curve is not None:
         con.print("attainment vs rate: " + ", ".join(f"{r:g}/s {100 * c.attainment:.1f}%" for r, c in curve))
     for w in written:
@@ -157,15 +182,24 @@ def register(app: typer.Typer) -> None:
         ttft_slo_ms: float | None = typer.Option(None, "--ttft-slo-ms", help="Time-to-first-token SLO, ms."),
         tpot_slo_ms: float | None = typer.Option(None, "--tpot-slo-ms", help="Time-per-output-token SLO, ms."),
         max_batch: int | None = typer.Option(None, "--max-batch", help="Slots per replica (default: the "
-                                                                       "plan's batch)."),
+                                                                       "plan's batch; with --engine the "
+                                                                       "engine's, 32 rounded up to the dp)."),
         routing: str = typer.Option("plan", "--routing", help="plan (its routing table, if any) or load."),
         rates: str | None = typer.Option(None, "--rates", help="Rates of the --png curve, e.g. 0.5,1,2."),
         png: Path | None = typer.Option(None, "--png", help="Save SLO attainment against rate to this PNG."),
-        step_tokens: int = typer.Option(2048, "--step-tokens", help="Tokens one iteration feeds per replica "
-                                                                    "(decode rows plus prefill chunks)."),
+        step_tokens: int | None = typer.Option(
+            None, "--step-tokens", help="Tokens one iteration feeds per replica (decode rows plus prefill "
+            "chunks; default 2048, with --engine the engine's max(512, 2 x max-batch))."),
+        engine: bool = typer.Option(
+            False, "--engine", metavar="", help="Cost the shapes the serving engine (`hexjax serve`) compiles: prefill "
+            "chunks padded to its widths, rows to its row counts, block tables over --max-model-len; with its "
+            "defaults for --max-batch and --step-tokens."),
+        max_model_len: int | None = typer.Option(
+            None, "--max-model-len", help="The engine's longest prompt plus output: its block tables' span "
+            "(default: the model's context; implies --engine)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the Poisson arrivals."),
         as_json: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object."),
     ) -> None:
         """Simulate a plan serving requests with continuous batching: SLO attainment, TTFT/TPOT, throughput."""
         simulate_cmd(plan, cluster, model, trace, rate, requests, slo_ms, ttft_slo_ms, tpot_slo_ms, max_batch,
-                     routing, rates, png, seed, as_json, step_tokens)
+                     routing, rates, png, seed, as_json, step_tokens, engine, max_model_len)

@@ -104,7 +104,8 @@ def best_replicas(cfg, cluster, wl: TrainWorkload, max_stages: int, progress=Non
 
 def exhaustive_train(cfg, cluster, wl: TrainWorkload, objective: str, budget: float | None, max_stages: int,
                      progress=None):
-    """``(plan, statistics)`` of the optimum, or None when no plan fits."""
+    """``(plan, statistics)`` of the optimum; the plan None when no plan fits, the statistics then naming the
+    ``(M, b)`` shares of the replicas that fit (``shares``, empty when not even one does)."""
     table = best_replicas(cfg, cluster, wl, max_stages, progress)
     caps = tuple(h.count for h in cluster.hosts)
     B = wl.global_batch
@@ -142,7 +143,7 @@ def exhaustive_train(cfg, cluster, wl: TrainWorkload, objective: str, budget: fl
 
         rec(0, B, caps, [], 0.0, 0.0)
     if best is None:
-        return None
+        return None, {"replicas": len(table), "plans": plans, "shares": sorted({(k[1], k[2]) for k in table})}
     _, M, chosen, items = best
     free = free_devices(cluster)
     replicas, rows = [], []

@@ -64,10 +64,13 @@ Values come from :mod:`hexjax.search.train_cost`:
    copies of the training state exceed the cluster's memory, and a program
    leaves out the columns that could not improve on the best value (a
    replica slower than it less the least sync of ``n`` copies, or of ``n``
-   copies one of which keeps each unit where that column does, or one
-   taking more sequences than the other ``n - 1`` leave); one whose class
-   program without sync (the least slowest replica of any packing) plus
-   that least sync cannot beat it is skipped.
+   copies one of which keeps each unit where that column does, on a stage
+   of that column's devices, or one taking more sequences than the other
+   ``n - 1`` leave); one whose class program without sync (the least
+   slowest replica of any packing) plus the largest of those least syncs
+   among the chosen candidates cannot beat it is skipped. A footprint's
+   pipeline search is skipped where the closed-form bound already reaches
+   the limit it is given.
 
 Exactness and layer splits. The sync couples the replicas' layouts: a
 replica that is not the slowest may do better with a slower split that keeps
@@ -135,6 +138,15 @@ class TrainChoice:
     step_s: float
     """``T``: the replica's 1F1B time for its share of ``M b`` sequences."""
     pipe: PipelineChoice
+    microbatches: int
+    microbatch: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Share:
+    """A replica's share of the batch, ``M`` microbatches of ``b`` sequences (what :func:`infeasible_message`
+    reads of a candidate)."""
+
     microbatches: int
     microbatch: int
 
@@ -497,13 +509,13 @@ def candidates(cfg, cluster, wl: TrainWorkload, max_stages: int, sym: Symmetry, 
                 fp = chunk[i]
                 if progress is not None and (done + k) % 256 == 0:
                     progress(done + k, len(fps), "pipelines")
-                if first[i] >= limits(fp)[0]:
+                alone, beside = limits(fp)      # until the incumbent changes
+                if first[i] >= alone:
                     continue
                 for M in Ms:
                     nb = B // M
                     lb, lb_up = lbs[M][0][i], lbs[M][1][i]
                     for b in range(1, nb + 1):
-                        alone, beside = limits(fp)
                         if lb_up[b - 1] >= alone:   # so is every larger b
                             break
                         limit = alone if b == nb else beside
@@ -512,14 +524,17 @@ def candidates(cfg, cluster, wl: TrainWorkload, max_stages: int, sym: Symmetry, 
                         # a pipeline no faster than one found on a footprint that fits into this one would be
                         # dropped as redundant (_undominated); if that one's least sync is no larger, the final
                         # limits drop this one whenever they drop that one: only a faster one is worth finding
-                        inside = smaller[(M, b)].least(G[fp], least_beside(fp))
-                        got = search.best(fp, M, b, min(limit, inside))
+                        limit = min(limit, smaller[(M, b)].least(G[fp], least_beside(fp)))
+                        if lb[b - 1] >= limit:      # the bound knows already: no pipeline of fp is faster
+                            continue
+                        got = search.best(fp, M, b, limit)
                         if got is None:
                             continue
                         found.append(got)
                         smaller[(M, b)].add(G[fp], got.step_s, least_beside(fp))
                         if b == nb:             # one replica taking the whole batch is a plan
                             incumbent = min(incumbent, got.step_s * (1 if objective == "throughput" else price[fp]))
+                            alone, beside = limits(fp)
             done += len(chunk)
         if P < max(levels) and found:
             # the best plan of the shorter pipelines found so far bounds what the longer ones must beat
@@ -750,7 +765,7 @@ def _least_group_uncached(cluster, caps: dict, nbytes: float, n: int) -> float:
 
     hosts = sorted(caps)
     cap = np.array([caps[h] for h in hosts])
-    pair = np.array([[train_cost.link_allreduce_s(cluster, a, b, nbytes, n) for b in hosts] for a in hosts])
+    pair = _pair_s(cluster, nbytes, n)[np.ix_(hosts, hosts)]
     own = np.diag(pair).copy()
     for c in np.unique(pair):
         near = pair <= c
@@ -762,12 +777,25 @@ def _least_group_uncached(cluster, caps: dict, nbytes: float, n: int) -> float:
     return INF
 
 
-def _caps(cluster, places) -> dict:
-    """``{host: most members}`` from ``(host, devices of the stage)`` places: a member needs a stage's devices."""
-    least: dict = {}
-    for h, w in places:
-        least[h] = min(least.get(h, w), w)
-    return {h: cluster.hosts[h].count // w for h, w in least.items()}
+def _pair_s(cluster, nbytes: float, n: int) -> np.ndarray:
+    """``[a, b]``: the all-reduce time of ``n`` members over the link between hosts ``a`` and ``b`` (the host's own
+    link on the diagonal), for every pair of the cluster's hosts; the bounds ask for the same few often."""
+    key = ("pairs", cluster, nbytes, n)
+    got = _group_cache.get(key)
+    if got is None:
+        H = range(cluster.num_hosts)
+        got = _group_cache[key] = np.array([[train_cost.link_allreduce_s(cluster, a, b, nbytes, n) for b in H]
+                                            for a in H])
+    return got
+
+
+def _caps(cluster, holders: np.ndarray, widths: np.ndarray) -> dict:
+    """``{host: most members}`` from each column's host and devices of the stage there: a member needs a
+    stage's devices, so a host holds at most its devices over the narrowest stage any column puts on it."""
+    order = np.argsort(holders, kind="stable")
+    hosts, first = np.unique(holders[order], return_index=True)
+    least = np.minimum.reduceat(widths[order], first)
+    return {int(h): cluster.hosts[int(h)].count // int(w) for h, w in zip(hosts, least)}
 
 
 def _sync_bound(cols: list[_Column], cluster, n: int, unit_bytes: list[float]) -> float:
@@ -777,32 +805,40 @@ def _sync_bound(cols: list[_Column], cluster, n: int, unit_bytes: list[float]) -
         return 0.0
     total = 0.0
     for count, nbytes, holders, widths in _segments(cols, unit_bytes):
-        total += count * _least_group_s(cluster, _caps(cluster, zip(holders.tolist(), widths.tolist())), nbytes, n)
+        total += count * _least_group_s(cluster, _caps(cluster, holders, widths), nbytes, n)
     return total
 
 
 def _column_sync_bounds(cols: list[_Column], cluster, n: int, unit_bytes: list[float]) -> np.ndarray:
     """Per column, a lower bound on the sync of any ``n`` copies of ``cols`` among which it is: each unit's
-    group has a member on the host where the column keeps the unit, so it is no cheaper than the least group
-    of ``n`` members around that host (:func:`_least_group_around`) on the hosts the columns use."""
+    group has the column's own member on the host where it keeps the unit, a stage of that many devices, so
+    that host holds at most one more member per narrowest stage any column puts there in its other devices;
+    the group is no cheaper than the least group of ``n`` members around that host so capped
+    (:func:`_least_group_around`) on the hosts the columns use."""
     table = np.array([c.units for c in cols], dtype=np.int64)
     widths = np.array([c.widths for c in cols], dtype=np.int64)
     least = np.full(cluster.num_hosts, np.iinfo(np.int64).max)
     np.minimum.at(least, table.ravel(), widths.ravel())
     used = np.flatnonzero(least < np.iinfo(np.int64).max)
     caps = {int(h): cluster.hosts[h].count // int(least[h]) for h in used}
+    wide = sorted(set(widths.ravel().tolist()))
+    own = {int(h): tuple(1 + (cluster.hosts[h].count - w) // int(least[h]) for w in wide) for h in used}
     kinds = sorted(set(unit_bytes))
-    G = np.full((cluster.num_hosts, len(kinds)), INF)
+    G = np.full((cluster.num_hosts, len(kinds), len(wide)), INF)
     for k, nbytes in enumerate(kinds):
-        G[used, k] = _least_group_around(cluster, caps, nbytes, n)
+        G[used, k] = _least_group_around(cluster, caps, nbytes, n, own)
     kind = np.array([kinds.index(b) for b in unit_bytes])
-    return G[table, kind[None, :]].sum(axis=1)
+    w_index = np.searchsorted(wide, widths)
+    return G[table, kind[None, :], w_index].sum(axis=1)
 
 
-def _least_group_around(cluster, caps: dict, nbytes: float, n: int) -> np.ndarray:
+def _least_group_around(cluster, caps: dict, nbytes: float, n: int, own: dict | None = None) -> np.ndarray:
     """Per host of ``caps`` (sorted), the least all-reduce time of ``n`` members, one of them on that host:
-    as :func:`_least_group_s`, the least link cost ``c`` at which the host's connected part holds ``n``."""
-    key = ("around", cluster, tuple(sorted(caps.items())), nbytes, n)
+    as :func:`_least_group_s`, the least link cost ``c`` at which the host's connected part holds ``n``.
+    With ``own`` (``{host: (caps)}``, one tuple length for all): ``[host, i]``, that host itself holding at most
+    ``own[host][i]`` members (the others still ``caps``)."""
+    key = ("around", cluster, tuple(sorted(caps.items())), nbytes, n,
+           None if own is None else tuple(sorted(own.items())))
     got = _group_cache.get(key)
     if got is not None:
         return got
@@ -810,18 +846,22 @@ def _least_group_around(cluster, caps: dict, nbytes: float, n: int) -> np.ndarra
 
     hosts = sorted(caps)
     cap = np.array([caps[h] for h in hosts])
-    pair = np.array([[train_cost.link_allreduce_s(cluster, a, b, nbytes, n) for b in hosts] for a in hosts])
-    own = np.diag(pair).copy()
-    got = np.full(len(hosts), INF)
+    mine = cap[:, None] if own is None else np.array([own[h] for h in hosts]).reshape(len(hosts), -1)
+    pair = _pair_s(cluster, nbytes, n)[np.ix_(hosts, hosts)]
+    diag = np.diag(pair).copy()
+    got = np.full(mine.shape, INF)
     for c in np.unique(pair):
         near = pair <= c
         np.fill_diagonal(near, False)
         parts, label = connected_components(near, directed=False)
-        members = np.where(own <= c, cap, np.minimum(cap, 1))
-        full = np.bincount(label, weights=members, minlength=parts)[label] >= n
+        members = np.where(diag <= c, cap, np.minimum(cap, 1))
+        here = np.where((diag <= c)[:, None], mine, np.minimum(mine, 1))
+        full = (np.bincount(label, weights=members, minlength=parts)[label] - members)[:, None] + here >= n
         got[full & ~np.isfinite(got)] = c
         if np.isfinite(got).all():
             break
+    if own is None:
+        got = got[:, 0]
     if len(_group_cache) > 100_000:
         _group_cache.clear()
     _group_cache[key] = got
@@ -944,9 +984,12 @@ def _solve_hosts(cols: list[_Column], cluster, n: int, batch: int, unit_bytes: l
 
 def _solve_classes(cols: list[_Column], sym: Symmetry, cluster, n: int, batch: int, unit_bytes: list[float],
                    budget: float | None, price_cap: float | None, time_cap: float | None, minimise: str,
-                   sync: bool = True):
+                   sync: bool = True, floors: tuple[float, dict] | None = None):
     """The program over host classes, a relaxation of :func:`_solve_hosts`: ``({candidate: copies}, value)``,
     None when infeasible (so is the program on hosts), or ``"unknown"`` when stopped by the time limit.
+    ``sync=False``: the slowest replica of the packing alone, plus with ``floors`` (``(least sync of any n
+    copies, {candidate: least sync of n copies among which it is})``) the largest floor of the chosen
+    candidates, a lower bound on the step in place of the sync terms.
 
     Hosts of a class are interchangeable (same devices, zone, own link, links to every other host), so a
     column is a candidate (not a candidate on concrete hosts) and, per sync segment and class, the members
@@ -983,6 +1026,12 @@ def _solve_classes(cols: list[_Column], sym: Symmetry, cluster, n: int, batch: i
         row([(j, 1), (K + j, -n)], -np.inf, 0)                     # z <= n y
         row([(K + j, c.step_s), (T, -1)], -np.inf, 0)              # t >= T y
     ub[T] = max(c.step_s for c in reps)
+    if n > 1 and not sync and floors is not None:
+        # every plan syncs at least the pool's floor and at least each of its replicas' own floor
+        u = var(max([floors[0], *floors[1].values()]), 0, 1.0)
+        row([(u, 1)], floors[0], np.inf)
+        for j, c in enumerate(reps):
+            row([(K + j, floors[1][c.cand]), (u, -1)], -np.inf, 0)     # u >= floor y
     if n > 1 and sync:
         for count, nbytes, holders, widths in _segments(reps, unit_bytes):
             members = defaultdict(list)   # class -> [(candidate, devices of its stage)]
@@ -1129,12 +1178,14 @@ def plan_train(model, cluster, wl: TrainWorkload, objective: str = "throughput",
     t0 = time.perf_counter()
     if exhaustive:
         from hexjax.search.train_exhaustive import exhaustive_train
-        got = exhaustive_train(cfg, cluster, wl, objective, budget_per_hour, max_stages, progress)
-        if got is None:
-            raise PlanError(infeasible_message(cfg, cluster, wl, max_stages, budget_per_hour))
-        result, stats = got
+        result, stats = exhaustive_train(cfg, cluster, wl, objective, budget_per_hour, max_stages, progress)
+        if result is None:
+            # replicas that fit but cannot make up the batch get the fast search's message, not "nothing fits"
+            shares = [Share(M, b) for M, b in stats["shares"]]
+            raise PlanError(infeasible_message(cfg, cluster, wl, max_stages, budget_per_hour, cands=shares))
         return _finish(result, cfg, cluster, wl, {"search_s": time.perf_counter() - t0, "max_stages": max_stages,
                                                    "exhaustive": True, **stats})
+
     def candidates_at(stages: int):
         """Candidates of at most ``stages`` stages, how many orders that took, and which layer splits."""
         # the baselines' replicas share one layout, so their splits stay aligned: their own fastest is kept
@@ -1262,8 +1313,14 @@ def _combine(cands, sym, cfg, cluster, wl, objective, budget, constraints, exact
             if not big or min(big) + sync >= best[0]:
                 continue
             # the slowest replica of n copies packed on the classes' devices (no sync): a bound on the step
-            packed = _solve_classes(pool, sym, cluster, n, B, unit_bytes, budget, None, None, "time", sync=False)
-            if packed is None or (packed != "unknown" and packed[1] + sync >= best[0]):
+            # plus the sync: at least the pool's floor, and at least each chosen column's own floor (the least
+            # group around the hosts where it keeps its units), the candidate's least over its columns
+            floors: dict = {}
+            for c, s in zip(pool, own):
+                floors[c.cand] = min(floors.get(c.cand, INF), float(s))
+            packed = _solve_classes(pool, sym, cluster, n, B, unit_bytes, budget, None, None, "time", sync=False,
+                                    floors=(sync, floors))
+            if packed is None or (packed != "unknown" and packed[1] >= best[0]):
                 continue
 
         def hopeless(step, best=best):

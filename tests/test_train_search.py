@@ -270,11 +270,11 @@ def test_nothing_fits_names_the_shortfall():
 
 def test_longer_pipelines_when_the_replicas_that_fit_cannot_take_the_batch():
     """Six one-device hosts, each holding 0.42 of the training state: four stages hold the state, but with
-    their workspace and 1F1B stash only one sequence per step (M = 1), and two replicas fit in memory: two of
-    the eight sequences. The automatic search goes on to five stages (a plan of eight sequences, M = 8, the
-    same as asked with ``max_stages=5``); asked for four, the error gives that count, not a divisibility
-    hint. (The exhaustive oracle agrees, 0.00134 s per step at five stages and none at four, but takes
-    minutes.)"""
+    their workspace and 1F1B stash only two sequences per step (M = 2 microbatches of one), and two replicas
+    fit in memory: four of the eight sequences. The automatic search goes on to five stages (a plan of eight
+    sequences, M = 8, the same as asked with ``max_stages=5``); asked for four, the error gives that count,
+    not a divisibility hint. (The exhaustive oracle agrees, 0.00134 s per step at five stages and none at
+    four, but takes minutes.)"""
     cfg = ModelConfig("rand", 256, 64, 128, 8, 4, 2)
     wl = TrainWorkload(seq_len=64, global_batch=8, microbatches=(1, 2, 4, 8), remat="full", dtype="float32")
     dev = DeviceSpec("d", int(state_bytes(cfg, wl) * 0.42), 1e12, 1e11, 1e10, 1.0)
@@ -286,8 +286,25 @@ def test_longer_pipelines_when_the_replicas_that_fit_cannot_take_the_batch():
     five = plan_train(cfg, cluster, wl, max_stages=5)
     assert auto.prediction["step_s"] == pytest.approx(five.prediction["step_s"], rel=1e-12)
     with pytest.raises(PlanError, match=r"takes the global batch of 8: pipelines of at most 4 stages that fit take "
-                                        r"at most 1 sequences per step each .* at most 2 copies .* 2 of 8 sequences"):
+                                        r"at most 2 sequences per step each .* at most 2 copies .* 4 of 8 sequences"):
         plan_train(cfg, cluster, wl, max_stages=4)
+
+
+def test_oracle_says_the_replicas_that_fit_cannot_take_the_batch():
+    """Two one-device hosts whose two-stage pipelines fit one sequence per step and hold one copy of the state:
+    the exhaustive oracle's error, like the search's, gives that count instead of saying nothing fits."""
+    cfg = ModelConfig("rand", 256, 64, 128, 2, 4, 2)
+    wl = TrainWorkload(seq_len=64, global_batch=8, microbatches=(1,), remat="full", dtype="float32")
+    dev = DeviceSpec("d", int(state_bytes(cfg, wl) * 0.8), 1e12, 1e11, 1e10, 1.0)
+    cluster = Cluster(tuple(Host(f"h{k}", dev, 1, "x", k, 1e10, 1e-5) for k in range(2)), network_bandwidth_Bps=1e9,
+                      network_latency_s=1e-5, cross_zone_bandwidth_Bps=1e8, cross_zone_latency_s=1e-3)
+    said = []
+    for exhaustive in (False, True):
+        with pytest.raises(PlanError, match=r"takes the global batch of 8: .* at most 1 sequences per step each "
+                                            r".* 1 of 8 sequences") as err:
+            plan_train(cfg, cluster, wl, exhaustive=exhaustive, max_stages=2)
+        said.append(str(err.value))
+    assert said[0] == said[1]
 
 
 def test_workload_validation():
@@ -506,3 +523,61 @@ def test_class_program_reaches_the_host_programs_optimum():
                 compared += 1
                 settled += classes[1] >= exact * (1 - 1e-6)
     assert compared >= 35 and 0.8 * compared <= settled < compared, (compared, settled)
+
+
+def test_sync_floors_never_exceed_the_sync_of_a_plan():
+    """The floors that leave columns and programs out (the least sync of any ``n`` copies of a pool, and of
+    ``n`` copies one of which is a given column, its own stage taking its devices on each unit's host)
+    against the exact sync of random plans of ``n`` columns that fit the hosts' devices: never above it, and
+    equal to it for some plans (a floor of 0 would pass the first check). The packing program plus the largest
+    floor of its candidates against the program on hosts' optimum: never above it."""
+    import numpy as np
+    from hexjax.search.space import host_classes
+    from hexjax.search.train_search import (_column_sync_bounds, _columns, _exact_step, _solve_classes, _solve_hosts,
+                                            _sync_bound, candidates)
+    rnd = random.Random(0)
+    checked = tight = programs = tight_programs = 0
+    for seed in CLASS_SEEDS[:3]:
+        cfg, cluster, wl = class_problem(seed)
+        sym = host_classes(cluster)
+        cands = candidates(cfg, cluster, wl, 3, sym, Constraints())[0]
+        unit_bytes = train_cost.grad_bytes_per_layer(cfg, wl)
+        for M in wl.microbatches:
+            cols = _columns([c for c in cands if c.microbatches == M], sym, cluster)
+            if not cols:
+                continue
+            for n in (2, 3, 4):
+                own = _column_sync_bounds(cols, cluster, n, unit_bytes)
+                pool = _sync_bound(cols, cluster, n, unit_bytes)
+                for _ in range(25):
+                    chosen = [rnd.randrange(len(cols)) for _ in range(n)]
+                    use = np.zeros(cluster.num_hosts, dtype=int)
+                    for j in chosen:
+                        for h, u in cols[j].use.items():
+                            use[h] += u
+                    if any(use[h] > host.count for h, host in enumerate(cluster.hosts)):
+                        continue
+                    copies = {j: chosen.count(j) for j in set(chosen)}
+                    sync = _exact_step(copies, cols, cluster, unit_bytes) - max(cols[j].step_s for j in copies)
+                    assert pool <= sync * (1 + 1e-9) + 1e-15, (seed, M, n, pool, sync)
+                    for j in copies:
+                        assert own[j] <= sync * (1 + 1e-9) + 1e-15, (seed, M, n, j, own[j], sync)
+                    checked += 1
+                    tight += max(own[j] for j in copies) >= sync * (1 - 1e-9)
+                # the packing program with those floors in place of the sync bounds the program's optimum
+                if n * M > wl.global_batch:
+                    continue
+                best = _solve_hosts(cols, cluster, n, wl.global_batch, unit_bytes, None, None, None, "time")
+                if best is None:
+                    continue
+                floors: dict = {}
+                for c, f in zip(cols, own):
+                    floors[c.cand] = min(floors.get(c.cand, math.inf), float(f))
+                packed = _solve_classes(cols, sym, cluster, n, wl.global_batch, unit_bytes, None, None, None, "time",
+                                        sync=False, floors=(pool, floors))
+                exact = _exact_step(best[0], cols, cluster, unit_bytes)
+                assert packed[1] <= exact * (1 + 1e-6), (seed, M, n, packed[1], exact)
+                programs += 1
+                tight_programs += packed[1] >= exact * (1 - 1e-6)
+    # measured: 121 plans, the largest column floor equal to the sync in 86; 5 programs, the bound tight in all
+    assert checked >= 60 and tight >= 30 and programs >= 5, (checked, tight, programs, tight_programs)

@@ -32,9 +32,10 @@ layer count, position flags and neighbours.
   bound does not beat the best value so far are skipped; the others are
   branched stage by stage over (layer count, shape), a partial pipeline
   being dropped as soon as its value plus the least the remaining stages
-  can add (exact DPs over them of ``Σ p``, ``Σ d`` and ``Σ W``, and their
-  least single-stage ``p`` and ``d``) reaches the best value so far.
-  Nothing that could beat it is dropped, so the result is exact.
+  can add (exact DPs over them of ``Σ p``, ``Σ d`` and ``Σ W``, and of
+  their largest ``p`` and ``d``, each on the layers left) reaches the best
+  value so far. Each of these is a least value over every completion, so
+  nothing that could beat the best is dropped: the result is exact.
 
 ``lower_bound`` gives a value no pipeline on a footprint can beat (cheapest
 per-layer work, prefill and decode step of each piece, filled greedily
@@ -132,6 +133,7 @@ class PipelineSearch:
         self._pos: dict = {}
         self._busy: dict = {}
         self._rest: dict = {}
+        self._memos: dict = {}
         self._last_bounds: tuple = (None, {})
         self.evaluated = 0
         # min-plus convolution helper: out[m] = min over l = 1..m of v[l] + R[m - l]
@@ -351,6 +353,17 @@ class PipelineSearch:
             top = np.maximum(top, busy[j])
         return total, top, counts
 
+    def _prefix(self, V: list[np.ndarray], op) -> np.ndarray:
+        """``[order, a]``: the least ``Σ`` (``op`` add) or ``max`` (maximum) of ``V[j]`` over the splits of ``a``
+        layers among the stages of ``V``, a layer at least each (inf where none)."""
+        L, O = self.L, V[0].shape[0]
+        D = V[0]
+        for v in V[1:]:
+            Dp = np.concatenate([np.full((O, L), INF), D], axis=1)
+            S = np.lib.stride_tricks.sliding_window_view(Dp, L, axis=1)[:, :L + 1, ::-1]   # D[a' - l], l = 1..L
+            D = op(S, v[:, None, 1:]).min(axis=2)
+        return D
+
     # ---- several microbatches: branch and bound ----
 
     def _latency_at(self, vecs: list[Position], counts, mb: int) -> tuple[float, list[int]]:
@@ -370,22 +383,47 @@ class PipelineSearch:
         then the branch and bound.
         """
         P, n = len(table[0]), self.wl.output_len
+        memo = self._memo(W)
         # F >= Σ p + max_k V_k with V = (mb - 1) p + (n - 1) mb d: at least min Σ p + min max V (two DPs)
-        V = [np.stack([t[j].vmin(mb, n) for t in table]) for j in range(P)]
-        _, top, splits = self._split_orders(V, "max")
-        Vp = [np.stack([t[j].pmin for t in table]) for j in range(P)]
-        total_p, _, p_counts = self._split_orders(Vp, "sum")
+        if "p" not in memo:
+            Vp = [np.stack([t[j].pmin for t in table]) for j in range(P)]
+            memo["p"] = Vp, self._split_orders(Vp, "sum")
+        Vp, (total_p, _, p_counts) = memo["p"]
+        # with one token V = (mb - 1) p: the DP of max p serves every mb (scaling keeps the order of floats)
+        key = ("max", 1 if n == 1 else mb)
+        if key not in memo:
+            V = Vp if n == 1 else [np.stack([t[j].vmin(mb, n) for t in table]) for j in range(P)]
+            memo[key] = self._split_orders(V, "max")
+        _, top, splits = memo[key]
+        if n == 1:
+            top = (mb - 1) * top
         lower = np.maximum(total_p + top, bound)
         splits = [splits, p_counts]
-        if mb < P:    # then a token's chain Σ d may outlast mb max d: F >= Σ W adds a bound and a split
+        if mb < P and n > 1:    # then a token's chain Σ d may outlast mb max d: F >= Σ W adds a bound and a
+            # split (with one token W = p: the Σ p DP's already)
             total, _, s_counts = self._split_orders(W, "sum")
             lower = np.maximum(lower, total)
             splits.append(s_counts)
+        if n == 1:      # F at those splits for every order at once: the least-W shape is the least-p one
+            if "at" not in memo:
+                rows, at = np.arange(len(table)), []
+                for counts in splits:
+                    ps = [Vp[j][rows, counts[j]] for j in range(P)]
+                    total, top = ps[0], ps[0]
+                    for x in ps[1:]:    # summed in the order of cost.replica_times, so the same floats
+                        total, top = total + x, np.maximum(top, x)
+                    at.append((total, top))
+                memo["at"] = at
+            at = [total + (mb - 1) * top for total, top in memo["at"]]
         best = None
         for o in np.argsort(lower, kind="stable"):
             if lower[o] >= limit:
                 break
-            for counts in splits:
+            for i, counts in enumerate(splits):
+                if n == 1:
+                    F = float(at[i][o])
+                    if not F < limit:
+                        continue
                 F, shape_idx = self._latency_at(table[o], counts[:, o], mb)
                 if F < limit:
                     limit = F
@@ -398,33 +436,56 @@ class PipelineSearch:
                 best = (got[0], int(o), got[1], got[2])
         return best
 
-    def _minplus(self, v: np.ndarray, R: np.ndarray) -> np.ndarray:
-        """``out[m] = min over l = 1..m of v[l] + R[m - l]``."""
-        cand = np.where(self._mp_ok, v[None, 1:] + R[self._mp_rest], INF)
+    def _memo(self, W: list[np.ndarray]) -> dict:
+        """What the orders' DPs give at every ``mb``, for a table the caller asks about again (by identity of
+        ``W``; the entries hold ``W`` so that its id is not reused while they live)."""
+        got = self._memos.get(id(W[0]))
+        if got is None or got[0] is not W[0]:
+            if len(self._memos) >= 64:
+                self._memos.clear()
+            got = self._memos[id(W[0])] = (W[0], {})
+        return got[1]
+
+    def _minplus(self, v: np.ndarray, R: np.ndarray, op=np.add) -> np.ndarray:
+        """``out[m] = min over l = 1..m of op(v[l], R[m - l])``."""
+        cand = np.where(self._mp_ok, op(v[None, 1:], R[self._mp_rest]), INF)
         return cand.min(axis=1)
 
     def _rest_bounds(self, vecs: list[Position]):
         """Per place j: what stages j.. add at least when they hold m layers between them (``Σ p``, ``Σ d``,
-        ``Σ W`` as exact DPs over each stage's least values), and their largest least ``p`` and ``d``."""
-        L, P = self.L, len(vecs)
+        ``Σ W`` as exact DPs over each stage's least values), and the least their largest ``p`` and ``d`` can
+        be (exact DPs of ``max`` over the same least values)."""
+        P = len(vecs)
         key = tuple(id(v) for v in vecs[1:])     # positions are cached, so their ids are stable
         got = self._rest.get(key)
         if got is None:
-            none = np.full(L + 1, INF)
+            none = np.full(self.L + 1, INF)
             none[0] = 0.0
-            Rp, Rd, Rw = [none] * (P + 1), [none] * (P + 1), [none] * (P + 1)
-            Ap, Dp = [0.0] * (P + 1), [0.0] * (P + 1)
-            for j in range(P - 1, 0, -1):
-                v = vecs[j]
-                if j == P - 1:      # the last stage holds exactly what is left
-                    Rp[j], Rd[j], Rw[j] = (np.where(self.layers > 0, x, INF) for x in (v.pmin, v.dmin, v.busy))
-                else:
-                    Rp[j] = self._minplus(v.pmin, Rp[j + 1])
-                    Rd[j] = self._minplus(v.dmin, Rd[j + 1])
-                    Rw[j] = self._minplus(v.busy, Rw[j + 1])
-                Ap[j] = max(Ap[j + 1], float(v.pmin[1:].min()))
-                Dp[j] = max(Dp[j + 1], float(v.dmin[1:].min()))
-            got = self._rest[key] = (Rp, Rd, Rw, Ap, Dp)
+            rows = [self._suffix(tuple(vecs[j:])) for j in range(1, P)] + [(none,) * 5]
+            got = self._rest[key] = tuple([None] + [r[i] for r in rows] for i in range(5))
+        return got
+
+    def _suffix(self, vecs: tuple) -> tuple:
+        """``(Σ p, Σ d, Σ W, max p, max d)`` least over the splits of m layers among the stages ``vecs`` (the
+        last of the order among them), for m = 0..L; cached per suffix, as orders share them."""
+        key = ("suffix",) + tuple(id(v) for v in vecs)
+        got = self._rest.get(key)
+        if got is None:
+            v = vecs[0]
+            tokens = self.wl.output_len > 1     # with one token only Σ p and max p bound anything
+            if len(vecs) == 1:      # the last stage holds exactly what is left
+                Rp = np.where(self.layers > 0, v.pmin, INF)
+                got = (Rp, None, None, Rp, None)
+                if tokens:
+                    Rd = np.where(self.layers > 0, v.dmin, INF)
+                    got = (Rp, Rd, np.where(self.layers > 0, v.busy, INF), Rp, Rd)
+            else:
+                Rp, Rd, Rw, Mp, Md = self._suffix(vecs[1:])
+                got = (self._minplus(v.pmin, Rp), None, None, self._minplus(v.pmin, Mp, np.maximum), None)
+                if tokens:
+                    got = (got[0], self._minplus(v.dmin, Rd), self._minplus(v.busy, Rw), got[3],
+                           self._minplus(v.dmin, Md, np.maximum))
+            self._rest[key] = got
         return got
 
     def _branch(self, vecs: list[Position], mb: int, limit: float):
@@ -436,38 +497,58 @@ class PipelineSearch:
         """
         L, P, n = self.L, len(vecs), self.wl.output_len
         alpha, beta = mb - 1, n - 1
-        Rp, Rd, Rw, Ap, Dp = self._rest_bounds(vecs)
+        Rp, Rd, Rw, Mp, Md = self._rest_bounds(vecs)
         a = np.zeros(1, dtype=np.int64)
         sp, sd, A, D = (np.zeros(1) for _ in range(4))
-        hist = np.zeros((1, 0), dtype=np.int64)
-        for j, v in enumerate(vecs):
+        steps = []      # per earlier stage: (parent state, option) of each kept state
+        for j, v in enumerate(vecs[:-1]):
             q = j + 1
-            if j < P - 1:       # any (layers, shape) that fits and leaves a layer for each later stage
-                si, oi = np.nonzero(a[:, None] + v.opt_l[None, :] <= L - (P - q))
-                li, sh, p, d = v.opt_l[oi], v.opt_s[oi], v.opt_p[oi], v.opt_d[oi]
-            else:               # the last stage takes what is left, in any shape
-                S = len(v.meshes)
-                si, sh = np.repeat(np.arange(len(a)), S), np.tile(np.arange(S), len(a))
-                li = L - a[si]
-                p, d = v.pre[sh, li], v.dec[sh, li]
-            na, nsp, nA = a[si] + li, sp[si] + p, np.maximum(A[si], p)
+            # any (layers, shape) that fits and leaves a layer for each later stage
+            si, oi = np.nonzero(a[:, None] + v.opt_l[None, :] <= L - (P - q))
+            na, p = a[si] + v.opt_l[oi], v.opt_p[oi]
+            nsp, nA = sp[si] + p, np.maximum(A[si], p)
             m = L - na
-            AA = np.maximum(nA, Ap[q])
+            # the final max p is at least the placed stages' and the least the later ones' can be on m layers
+            AA = np.maximum(nA, Mp[q][m])
             bound = nsp + Rp[q][m] + alpha * AA
             if beta:
+                d = v.opt_d[oi]
                 nsd, nD = sd[si] + d, np.maximum(D[si], d)
                 with np.errstate(invalid="ignore"):
-                    bound = np.maximum(bound + beta * np.maximum(nsd + Rd[q][m], mb * np.maximum(nD, Dp[q])),
+                    bound = np.maximum(bound + beta * np.maximum(nsd + Rd[q][m], mb * np.maximum(nD, Md[q][m])),
                                        nsp + beta * nsd + Rw[q][m] + alpha * AA)
-            else:
-                nsd, nD = sd[si], D[si]
             k = np.nonzero(bound < limit)[0]
             if not len(k):
                 return None
-            a, sp, sd, A, D, bound = na[k], nsp[k], nsd[k], nA[k], nD[k], bound[k]
-            hist = np.concatenate([hist[si[k]], np.stack([li[k], sh[k]], axis=1)], axis=1)
-        i = int(np.argmin(bound))
-        return float(bound[i]), [int(c) for c in hist[i, 0::2]], [int(c) for c in hist[i, 1::2]]
+            a, sp, A = na[k], nsp[k], nA[k]
+            if beta:
+                sd, D = nsd[k], nD[k]
+            steps.append((si[k], oi[k]))
+        # the last stage takes what is left, in any shape: F itself, [state, shape] flattened
+        v = vecs[-1]
+        S = len(v.meshes)
+        p = v.pre[:, L - a].T
+        nsp, AA = sp[:, None] + p, np.maximum(A[:, None], p)
+        F = nsp + alpha * AA
+        if beta:        # as the bound above with nothing left (the same sums, so the same floats)
+            d = v.dec[:, L - a].T
+            nsd = sd[:, None] + d
+            with np.errstate(invalid="ignore"):
+                F = np.maximum(F + beta * np.maximum(nsd, mb * np.maximum(D[:, None], d)),
+                               nsp + beta * nsd + alpha * AA)
+        F = F.ravel()
+        i = int(np.argmin(F))
+        value = float(F[i])
+        if not value < limit:
+            return None
+        counts, idx = [0] * P, [0] * P
+        i, idx[-1] = divmod(i, S)
+        counts[-1] = L - int(a[i])
+        for j in range(P - 2, -1, -1):
+            si, oi = steps[j]
+            o, i = int(oi[i]), int(si[i])
+            counts[j], idx[j] = int(vecs[j].opt_l[o]), int(vecs[j].opt_s[o])
+        return value, counts, idx
 
 
 def _fill(bounds: list[tuple[float, int]], L: int) -> float:
